@@ -1,0 +1,14 @@
+"""lightning_dp: differential privacy for any LightningModule by changing one Trainer argument.
+
+``Trainer(strategy=DPZeroStrategy(eps=8))`` trains with private zeroth-order optimization on 1..N devices.
+Opacus (accounting), transformers, peft and triton are imported only when used.
+"""
+
+from lightning_dp.callbacks import PrivacyBudget
+from lightning_dp.mechanisms.per_sample import PerSampleLossError
+from lightning_dp.privacy.sampling import EmptyBatch
+from lightning_dp.strategies import DPZeroStrategy, UnsafeSettingError
+
+__version__ = "0.1.0"
+
+__all__ = ["DPZeroStrategy", "EmptyBatch", "PerSampleLossError", "PrivacyBudget", "UnsafeSettingError", "__version__"]

@@ -1,0 +1,5 @@
+"""Callbacks that drop into existing Lightning projects."""
+
+from lightning_dp.callbacks.budget import PrivacyBudget
+
+__all__ = ["PrivacyBudget"]

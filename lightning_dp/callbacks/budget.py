@@ -1,0 +1,94 @@
+"""Privacy budget in the progress bar and the logger, a JSON privacy report at the end, and stopping before a
+budget is exceeded."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["PrivacyBudget"]
+
+
+class PrivacyBudget(Callback):
+    """Track the ε a DP strategy has spent.
+
+    - logs ``epsilon`` (and ``delta``) to the progress bar and the loggers every ``log_every_n_steps`` steps
+      (default 1: every step; the PRV accountant costs tens of milliseconds per evaluation);
+    - writes the strategy's ``privacy_report()`` as ``privacy_report.json`` to the Trainer's log directory (or
+      ``report_path``) when training ends;
+    - with ``max_epsilon``, stops training before the step that would spend more than ``max_epsilon`` (useful when
+      the strategy was given a ``noise_multiplier`` rather than a target ε).
+
+    Works with any strategy that has a ``privacy_report()`` method and, for ``max_epsilon``, ``epsilon_after(k)``.
+    """
+
+    def __init__(
+        self,
+        max_epsilon: float | None = None,
+        log_every_n_steps: int = 1,
+        report_path: str | None = None,
+        prog_bar: bool = True,
+    ) -> None:
+        if max_epsilon is not None and not (max_epsilon > 0 and math.isfinite(max_epsilon)):
+            raise ValueError(f"`max_epsilon` must be a finite number > 0, got {max_epsilon!r}")
+        if log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be >= 1, got {log_every_n_steps}")
+        self.max_epsilon = max_epsilon
+        self.log_every_n_steps = log_every_n_steps
+        self.report_path = report_path
+        self.prog_bar = prog_bar
+        self.stopped_at_step: int | None = None
+        self._last_logged: float | None = None
+
+    @staticmethod
+    def _strategy(trainer: Trainer) -> Any:
+        strategy = trainer.strategy
+        if not callable(getattr(strategy, "privacy_report", None)):
+            raise TypeError(
+                f"PrivacyBudget needs a DP strategy with `privacy_report()` (e.g. DPZeroStrategy); "
+                f"got {type(strategy).__name__}"
+            )
+        return strategy
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._strategy(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> Any:
+        if self.max_epsilon is None:
+            return None
+        strategy = self._strategy(trainer)
+        if strategy.epsilon_after(1) > self.max_epsilon:
+            # the next step would exceed the budget: stop before taking it
+            self.stopped_at_step = trainer.global_step
+            trainer.should_stop = True
+            rank_zero_info(
+                f"PrivacyBudget: stopping at step {trainer.global_step}: one more step would spend "
+                f"ε > {self.max_epsilon} (spent so far: {strategy.epsilon:.4f})"
+            )
+            return -1  # Lightning skips the rest of the epoch
+        return None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.log_every_n_steps:
+            return
+        report = self._strategy(trainer).privacy_report()
+        self._last_logged = float(report["epsilon"])
+        pl_module.log("epsilon", self._last_logged, prog_bar=self.prog_bar, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report = self._strategy(trainer).privacy_report()
+        if self.stopped_at_step is not None:
+            report["stopped_by_budget_at_step"] = self.stopped_at_step
+            report["max_epsilon"] = self.max_epsilon
+        if not trainer.is_global_zero:
+            return
+        path = self.report_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "privacy_report.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+        rank_zero_info(f"PrivacyBudget: ε = {report['epsilon']:.4f} at δ = {report['delta']:.3g}; report written to {path}")

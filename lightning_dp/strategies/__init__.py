@@ -1,0 +1,17 @@
+"""Lightning strategies: Trainer hooks mapped onto the mechanisms. Registered with Lightning's StrategyRegistry on
+import, so ``Trainer(strategy="dpzero")`` and LightningCLI configs work."""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
+from lightning_dp.strategies.dpzero import DPZeroStrategy
+
+__all__ = ["DPStrategyBase", "DPZeroStrategy", "UnsafeSettingError"]
+
+if "dpzero" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "dpzero",
+        DPZeroStrategy,
+        description="DPZero private zeroth-order optimization, target ε=8 (pass DPZeroStrategy(eps=...) to choose)",
+        eps=8.0,
+    )

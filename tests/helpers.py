@@ -1,0 +1,69 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+def linear_data(n: int = 64, d: int = 8, classes: int = 2, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, classes, generator=g)
+    y = (x @ w).argmax(-1)
+    return TensorDataset(x, y)
+
+
+class TinyClassifier(LightningModule):
+    """A 2-layer MLP returning per-example losses (the DP contract)."""
+
+    def __init__(self, d: int = 8, hidden: int = 16, classes: int = 2, lr: float = 0.05, dropout: float = 0.0,
+                 output: str = "tensor", weight_decay: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+        self.lr = lr
+        self.output = output
+        self.weight_decay = weight_decay
+        self.calls = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        x, y = batch
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        if self.output == "tensor":
+            return losses
+        if self.output == "dict":
+            return {"loss": losses.mean(), "per_sample_loss": losses}
+        if self.output == "mean":
+            return losses.mean()
+        if self.output == "dict_no_psl":
+            return {"loss": losses.mean()}
+        raise ValueError(self.output)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def loader(dataset: Dataset, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()])
+
+
+def trainer_kwargs(**overrides):
+    kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, max_steps=5)
+    kw.update(overrides)
+    return kw

@@ -58,22 +58,23 @@ class PrivacyBudget(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._strategy(trainer)
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> Any:
+    def _stop_if_next_step_exceeds(self, trainer: Trainer) -> None:
         if self.max_epsilon is None:
-            return None
+            return
         strategy = self._strategy(trainer)
         if strategy.epsilon_after(1) > self.max_epsilon:
-            # the next step would exceed the budget: stop before taking it
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
             rank_zero_info(
                 f"PrivacyBudget: stopping at step {trainer.global_step}: one more step would spend "
                 f"ε > {self.max_epsilon} (spent so far: {strategy.epsilon:.4f})"
             )
-            return -1  # Lightning skips the rest of the epoch
-        return None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_if_next_step_exceeds(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._stop_if_next_step_exceeds(trainer)
         if trainer.global_step % self.log_every_n_steps:
             return
         report = self._strategy(trainer).privacy_report()

@@ -1,0 +1,62 @@
+"""Run DPZeroStrategy on 1 or N CPU processes (Lightning's own `ddp` launcher re-runs this script per rank) and
+dump, per rank, the final parameters and every step's released scalar. Used by tests/test_ddp.py."""
+
+import argparse
+import os
+import sys
+
+import lightning.pytorch as L
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from helpers import TinyClassifier, flat_params, linear_data, loader  # noqa: E402
+
+from lightning_dp import DPZeroStrategy  # noqa: E402
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        r = trainer.strategy.last_step
+        self.steps.append([r.projected_grad, r.clipped_sum, r.noise, r.num_examples])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--noise-multiplier", type=float, default=0.0)
+    parser.add_argument("--poisson", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TinyClassifier(lr=0.05)
+    rec = Recorder()
+    strategy = DPZeroStrategy(
+        noise_multiplier=args.noise_multiplier, clip=2.0, seed=123, sampling_seed=7,
+        poisson_sampling=bool(args.poisson), accountant="rdp",
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[rec],
+    )
+    trainer.fit(model, loader(linear_data(n=64), args.batch_size))
+    torch.save(
+        {
+            "params": flat_params(model),
+            "steps": rec.steps,
+            "report": strategy.privacy_report(),
+            "world_size": trainer.world_size,
+        },
+        f"{args.out}.rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""DPZero on 2 CPU ranks (gloo) through Lightning's own `ddp` launcher, run as a script in a subprocess (the
+launcher re-executes the command per rank; inside pytest it would re-run pytest)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpzero.py")
+
+
+def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0):
+    out = str(tmp_path / name)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--devices", str(devices), "--batch-size", str(batch_size), "--steps", str(steps),
+         "--noise-multiplier", str(noise_multiplier), "--out", out],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(f"{out}.rank{r}.pt") for r in range(devices)]
+
+
+def test_two_ranks_match_one_process_and_stay_bit_identical(tmp_path):
+    r0, r1 = _run(tmp_path, "ddp", devices=2, batch_size=4, steps=6)
+    (single,) = _run(tmp_path, "single", devices=1, batch_size=8, steps=6)
+    assert r0["world_size"] == 2
+    # parameters bit-identical on both ranks
+    assert torch.equal(r0["params"], r1["params"])
+    # every rank took the same number of steps and received the same released scalar
+    assert len(r0["steps"]) == len(r1["steps"]) == 6
+    assert r0["steps"] == r1["steps"]
+    # the same global Poisson sample as one process with the same global batch size and seeds
+    assert [s[3] for s in r0["steps"]] == [s[3] for s in single["steps"]]
+    # and the same update (up to fp32 rounding of different batch compositions)
+    torch.testing.assert_close(r0["params"], single["params"], atol=1e-4, rtol=0)
+    assert r0["report"]["sample_rate"] == single["report"]["sample_rate"] == 8 / 64
+    assert r0["report"]["steps"] == 6
+
+
+def test_noise_added_exactly_once_across_ranks(tmp_path):
+    sigma, clip, steps = 1.0, 2.0, 120
+    r0, r1 = _run(tmp_path, "noisy", devices=2, batch_size=4, steps=steps, noise_multiplier=sigma)
+    noise = torch.tensor([s[2] for s in r0["steps"]], dtype=torch.float64)
+    assert r0["steps"] == r1["steps"]  # every rank applies the same noisy scalar
+    assert torch.equal(r0["params"], r1["params"])
+    # the released scalar is (clipped sum + noise) / E[B], the noise has std σC: once, not √2·σC (twice)
+    g = torch.tensor([s[0] for s in r0["steps"]], dtype=torch.float64)
+    clipped = torch.tensor([s[1] for s in r0["steps"]], dtype=torch.float64)
+    torch.testing.assert_close(g * 8.0, clipped + noise)
+    std = noise.std().item()
+    # 120 draws: the std estimate has ~6.5% relative error; √2 σC would be 41% off
+    assert 0.78 * sigma * clip < std < 1.22 * sigma * clip, std

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DataLoader
@@ -110,16 +110,19 @@ class DPStrategyBase(DDPStrategy):
             return
         super().setup_distributed()
 
-    def configure_ddp(self) -> None:
-        # no DistributedDataParallel: identical initial parameters on every rank is all that is needed
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            _sync_module_states(self.model)
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # never DistributedDataParallel
 
     def setup(self, trainer: Any) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
             self._refuse_unsafe_settings(trainer)
-        super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+        # Lightning's base setup (accelerator, precision, device, optimizers), not DDPStrategy's: no DDP wrapper and
+        # no communication hooks; identical initial parameters on every rank is all the mechanisms need
+        Strategy.setup(self, trainer)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _sync_module_states(self.model)
+        if not fitting:
             return
         self._collective = default_collective()
         self._noise = GaussianNoise(self.root_device)

@@ -46,6 +46,7 @@ class SeededDirections:
         self.offsets = offsets_for(self.params)
         self.base_seed = int(base_seed)
         self.pending: dict[int, float] = {}
+        self.passes = 0  # read+write passes over the parameters so far (diagnostics)
 
     def seed_for(self, step: int) -> int:
         return mix_seed(_DIRECTION_DOMAIN, self.base_seed, step)
@@ -53,6 +54,7 @@ class SeededDirections:
     def perturb(self, seed: int, scale: float) -> None:
         """θ <- θ + scale·z(seed)."""
         perturb_(self.params, self.offsets, seed, scale)
+        self.passes += 1
         self._track(seed, scale)
 
     def _track(self, seed: int, scale: float) -> None:
@@ -103,6 +105,7 @@ class SeededDirections:
         else:
             perturb_(self.params, self.offsets, seed, scales, decay=decays if use_decay else None)
             self.pending = {}
+        self.passes += 1
 
 
 def clip_differences(loss_plus: Tensor, loss_minus: Tensor, zo_eps: float, clip: float) -> Tensor:

@@ -8,6 +8,8 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import SGD, Optimizer
 
 from lightning_dp.mechanisms.per_sample import per_sample_loss
@@ -72,8 +74,11 @@ class DPZeroStrategy(DPStrategyBase):
         seed: int | None = None,
         sampling_seed: int | None = None,
         dropout: Literal["off", "same"] = "off",
+        zo_schedule: Literal["auto", "two_pass", "three_pass"] = "auto",
         **kwargs: Any,
     ) -> None:
+        if zo_schedule not in ("auto", "two_pass", "three_pass"):
+            raise ValueError(f"`zo_schedule` must be 'auto', 'two_pass' or 'three_pass', got {zo_schedule!r}")
         if not zo_eps > 0:
             raise ValueError(f"`zo_eps` must be > 0, got {zo_eps!r}")
         if dropout not in ("off", "same"):
@@ -91,6 +96,8 @@ class DPZeroStrategy(DPStrategyBase):
         )
         self.zo_eps = float(zo_eps)
         self.dropout = dropout
+        self.zo_schedule = zo_schedule
+        self.schedule: str | None = None  # resolved at setup: "two_pass" or "three_pass"
         self.directions: SeededDirections | None = None
         self._group_of: list[int] = []
         self._step_inputs: tuple[int, Tensor | None] | None = None
@@ -128,6 +135,16 @@ class DPZeroStrategy(DPStrategyBase):
             )
         self.directions = SeededDirections(params, self.seed)
         self._group_of = groups
+        if self.zo_schedule == "auto":
+            unsafe = _code_between_steps(trainer)
+            self.schedule = "three_pass" if unsafe else "two_pass"
+            if unsafe:
+                rank_zero_info(
+                    f"DPZeroStrategy: three passes per step, because {', '.join(unsafe)} may read the parameters "
+                    "between steps (pass zo_schedule='two_pass' to override)"
+                )
+        else:
+            self.schedule = self.zo_schedule
 
     # ------------------------------------------------------------------ the step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -215,8 +232,13 @@ class DPZeroStrategy(DPStrategyBase):
         groups = optimizer.param_groups
         lrs = [float(groups[g]["lr"]) for g in self._group_of]
         wds = [float(groups[g].get("weight_decay", 0.0)) for g in self._group_of]
+        trainer = self.lightning_module.trainer
+        fuse_next = self.schedule == "two_pass" and (trainer.max_steps < 0 or trainer.global_step + 1 < trainer.max_steps)
+        next_seed = self.directions.seed_for(trainer.global_step + 1) if fuse_next else None
         with torch.no_grad():
-            self.directions.update(seed, result.projected_grad, lrs, wds)
+            # two-pass schedule: the next step's +λz is fused into this pass and stays pending until that step
+            # (or is removed lazily before anything else looks at the parameters)
+            self.directions.update(seed, result.projected_grad, lrs, wds, next_seed=next_seed, next_scale=self.zo_eps)
         self.account_step()
         self.last_step = result
 
@@ -234,6 +256,10 @@ class DPZeroStrategy(DPStrategyBase):
         self._restore()
         super().on_train_end()
 
+    def on_validation_start(self) -> None:
+        self._restore()
+        super().on_validation_start()
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._restore()
         return super().lightning_module_state_dict()
@@ -246,6 +272,50 @@ class DPZeroStrategy(DPStrategyBase):
         report = super().privacy_report()
         report["zo_eps"] = self.zo_eps
         return report
+
+
+# Hooks that run between the update pass of step t and the first probe of step t+1 (or at the end of training).
+_HOOKS_BETWEEN_STEPS = (
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_batch_start",
+    "on_train_epoch_end",
+    "on_train_epoch_start",
+    "on_validation_start",
+    "on_validation_epoch_start",
+    "on_train_end",
+    "on_exception",
+    "on_before_batch_transfer",
+    "on_after_batch_transfer",
+)
+
+
+def _code_between_steps(trainer: Any) -> list[str]:
+    """Callbacks and LightningModule hooks that may read the parameters while the next step's +λz is pending.
+
+    Lightning's own callbacks that never read parameters (progress bars, model summary, LR monitor, timer, early
+    stopping) and checkpointing (the strategy hands out the clean state dict) are safe, as is PrivacyBudget.
+    """
+    from lightning.pytorch import Callback, LightningModule
+    from lightning.pytorch.callbacks import (
+        EarlyStopping,
+        LearningRateMonitor,
+        ModelCheckpoint,
+        ModelSummary,
+        ProgressBar,
+        Timer,
+    )
+
+    from lightning_dp.callbacks import PrivacyBudget
+
+    safe = (EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, Timer, PrivacyBudget)
+    found = []
+    for cb in trainer.callbacks:
+        if not isinstance(cb, safe) and any(is_overridden(h, cb, Callback) for h in _HOOKS_BETWEEN_STEPS):
+            found.append(type(cb).__name__)
+    module = trainer.lightning_module
+    found += [f"{type(module).__name__}.{h}" for h in _HOOKS_BETWEEN_STEPS if is_overridden(h, module, LightningModule)]
+    return found
 
 
 def _check_zo_optimizer(optimizer: Optimizer) -> None:

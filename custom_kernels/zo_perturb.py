@@ -8,27 +8,51 @@ and element ``i`` of tensor ``k`` always draws the value at position ``offsets[k
 ``seed``. The value therefore depends only on ``(seed, offset base, element index)``, never on the order in
 which tensors are visited, on other tensors, or on how the work is split.
 
-Reference path (plain torch, any device without Triton): the offset space is cut into blocks of
-:data:`BLOCK` elements; block ``b`` of stream ``seed`` is drawn by a private ``torch.Generator`` seeded with
-``mix(seed, b)`` and processed in bounded chunks (one block buffer per stream, never a parameter-sized one).
-Offsets from :func:`offsets_for` are block-aligned, so a tensor never shares a block with another.
+There are two implementations, each with its own stream (same distribution, different values):
 
-The arithmetic is fp32; fp16/bf16 tensors are read into fp32, updated and rounded to nearest-even on store.
+* Reference path (plain torch, any device): the offset space is cut into blocks of :data:`BLOCK` elements;
+  block ``b`` of stream ``seed`` is drawn by a private ``torch.Generator`` seeded with ``mix_seed(seed, b)`` and
+  processed in bounded chunks (one block buffer per stream, never a parameter-sized one). Offsets must be multiples
+  of :data:`BLOCK` (those from :func:`offsets_for` are), so a tensor never shares a block with another.
+* Triton path (CUDA; on the CPU under ``TRITON_INTERPRET=1``): ``z(seed, j) = tl.randn4x(seed, j // 4)[j % 4]``,
+  counter-based Philox4x32-10 keyed by ``seed mod 2**64`` with 64-bit counters (see
+  ``custom_kernels/_triton_kernels.py``). Any offset ``>= 0`` works. All tensors of one device and dtype are
+  updated by one grouped launch; each element is read once and written once, both streams of a fused call included.
+
+Both streams are functions of ``(seed, offset base + element index)`` only. A run must use one path for a given
+tensor throughout a ZO step (``backend="auto"`` does: the choice depends only on device and dtype).
+
+``backend="auto"`` picks Triton for CUDA tensors in fp32/fp16/bf16 when triton is importable, the reference
+otherwise; ``"triton"`` forces the kernel (on the CPU only under ``TRITON_INTERPRET=1``; a clear error elsewhere);
+``"torch"`` forces the reference. triton is imported only when the Triton path is taken.
+
+The arithmetic is fp32 on both paths; fp16/bf16 tensors are read into fp32, updated and rounded to nearest-even on
+store (by hand for bf16 in the kernel, since the Triton interpreter truncates). With ``decay`` the update is
+``(decay * p) + scale * z`` evaluated in that order; the kernel may contract it to an FMA on a GPU, so the two
+paths agree with the formula to fp32 rounding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "offsets_for", "perturb_", "normal_stream", "mix_seed"]
+from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
+
+__all__ = ["BLOCK", "mix_seed", "normal_stream", "offsets_for", "perturb_"]
 
 BLOCK = 1 << 16
 """Granularity of the reference stream (elements). Offsets from :func:`offsets_for` are multiples of it."""
 
 _MASK64 = (1 << 64) - 1
+_MAX_INDEX = 1 << 63  # offsets and element indices are int64 in the kernel
+
+_TRITON_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # storage kind of the kernel
+_TILE_GPU = 4096  # elements per program on a GPU (16 per thread with 8 warps)
+_TILE_INTERPRETER = 1 << 16  # the interpreter is slow per operation, not per element: use few, large tiles
 
 
 def mix_seed(*values: int) -> int:
@@ -67,6 +91,8 @@ def _check_tensors(tensors: Sequence[Tensor], offsets: Sequence[int]) -> None:
     if len(offsets) != len(tensors):
         raise ValueError(f"got {len(offsets)} offsets for {len(tensors)} tensors")
     for k, t in enumerate(tensors):
+        if int(offsets[k]) < 0 or int(offsets[k]) + t.numel() > _MAX_INDEX:
+            raise ValueError(f"offset {offsets[k]} of tensor {k} is outside [0, 2**63 - numel)")
         if not t.is_contiguous():
             raise ValueError(
                 f"tensor {k} (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous: in-place seeded "
@@ -124,6 +150,64 @@ def _perturb_reference(
                 chunk.copy_(work)  # fp32 -> bf16/fp16 rounds to nearest-even
 
 
+def _signed64(seed: int) -> int:
+    """``seed mod 2**64`` as a signed 64-bit integer (the kernel reinterprets it as the unsigned Philox key)."""
+    s = int(seed) & _MASK64
+    return s - (1 << 64) if s >= 1 << 63 else s
+
+
+def _perturb_triton(
+    tensors: Sequence[Tensor],
+    offsets: Sequence[int],
+    seed: int,
+    scales: list[float],
+    seed2: int | None,
+    scales2: list[float] | None,
+    decays: list[float] | None,
+    *,
+    tile: int | None = None,
+) -> None:
+    """Triton path: one grouped launch per (device, dtype). ``tile`` (a power of two >= 16) overrides the tile size
+    (tests use it to show that ``z`` does not depend on it)."""
+    kernels = triton_kernels()
+    if tile is None and interpreting(kernels):  # few, large tiles; no larger than the largest tensor needs
+        tile = min(_TILE_INTERPRETER, max(16, 1 << (max(t.numel() for t in tensors) - 1).bit_length()))
+    tile = tile or _TILE_GPU
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for k, t in enumerate(tensors):
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(k)
+    for (device, dtype), ks in groups.items():
+        rows_i, rows_f, n_tiles = [], [], 0
+        for k in ks:
+            numel = tensors[k].numel()
+            rows_i.append((tensors[k].data_ptr(), numel, int(offsets[k]), n_tiles))
+            rows_f.append((scales[k], scales2[k] if scales2 is not None else 0.0, decays[k] if decays else 1.0))
+            n_tiles += -(-numel // tile)
+        # small metadata tables: (address, numel, offset base, first tile) and (scale, scale2, decay) per tensor
+        meta_i = torch.tensor(rows_i, dtype=torch.int64).to(device, non_blocking=True)
+        meta_f = torch.tensor(rows_f, dtype=torch.float32).to(device, non_blocking=True)
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            kernels.perturb_kernel[(n_tiles,)](
+                meta_i,
+                meta_f,
+                len(ks),
+                _signed64(seed),
+                _signed64(seed2 if seed2 is not None else 0),
+                KIND=_TRITON_DTYPES[dtype],
+                HAS_DECAY=decays is not None,
+                HAS_Z2=seed2 is not None,
+                ALIGNED16=all(row[0] % 16 == 0 for row in rows_i),
+                ALIGNED4=all(row[2] % 4 == 0 for row in rows_i),
+                TILE=tile,
+                SEARCH_STEPS=(len(ks) - 1).bit_length(),
+                num_warps=8,
+                enable_fp_fusion=False,  # no FMA contraction: the kernel rounds like the formula (and like numpy)
+            )
+
+
 @torch.no_grad()
 def perturb_(
     tensors: Sequence[Tensor],
@@ -134,6 +218,7 @@ def perturb_(
     seed2: int | None = None,
     scale2: float | Sequence[float] | None = None,
     decay: float | Sequence[float] | None = None,
+    backend: Backend = "auto",
 ) -> None:
     """In place, for every tensor ``p_k`` with offset base ``o_k`` and element ``i``::
 
@@ -141,6 +226,8 @@ def perturb_(
 
     ``scale``, ``scale2`` and ``decay`` are one float for all tensors or one per tensor. ``seed2``/``scale2`` fuse a
     second direction into the same read/write (restore + update + next perturbation in one pass).
+    Tensors must be contiguous and floating point. ``backend`` picks the implementation (module docstring); the
+    Triton kernel handles fp32, fp16 and bf16.
     """
     tensors = list(tensors)
     _check_tensors(tensors, offsets)
@@ -150,11 +237,36 @@ def perturb_(
     if seed2 is not None and scales2 is None:
         raise ValueError("`seed2` needs `scale2`")
     decays = _per_tensor(decay, n, "decay")
-    _perturb_reference(tensors, offsets, int(seed), scales, seed2, scales2, decays)
+    on_triton = [
+        use_triton(
+            backend,
+            t.device,
+            t.dtype in _TRITON_DTYPES,
+            f"tensor {k} has dtype {t.dtype}; the Triton kernel handles float32, float16 and bfloat16",
+        )
+        for k, t in enumerate(tensors)
+    ]
+    for path, run in ((False, _perturb_reference), (True, _perturb_triton)):
+        ks = [k for k in range(n) if on_triton[k] == path]
+        if ks:
+            run(
+                [tensors[k] for k in ks],
+                [offsets[k] for k in ks],
+                int(seed),
+                [scales[k] for k in ks],
+                seed2,
+                [scales2[k] for k in ks] if scales2 is not None else None,
+                [decays[k] for k in ks] if decays is not None else None,
+            )
 
 
-def normal_stream(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """Materialize ``z(seed, offset + i)`` for ``i < numel`` as fp32 (for tests and diagnostics, not the hot path)."""
+def normal_stream(
+    seed: int, offset: int, numel: int, device: torch.device | str = "cpu", *, backend: Backend = "auto"
+) -> Tensor:
+    """Materialize ``z(seed, offset + i)`` for ``i < numel`` as fp32 (for tests and diagnostics, not the hot path).
+
+    ``backend`` selects the stream exactly as :func:`perturb_` would for an fp32 tensor on ``device``.
+    """
     out = torch.zeros(numel, dtype=torch.float32, device=device)
-    perturb_([out], [offset], seed, 1.0)
+    perturb_([out], [offset], seed, 1.0, backend=backend)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -64,6 +66,6 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 def trainer_kwargs(**overrides):
     kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_steps=5)
+              enable_model_summary=False, max_steps=5, default_root_dir=tempfile.mkdtemp(prefix="ldp-"))
     kw.update(overrides)
     return kw

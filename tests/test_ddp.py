@@ -13,7 +13,12 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpzero.py")
 
 def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0):
     out = str(tmp_path / name)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # an in-process Trainer leaves LOCAL_RANK/MASTER_PORT/... in os.environ; a child that inherits LOCAL_RANK believes
+    # an external launcher started it and never launches its peers
+    launcher_vars = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--devices", str(devices), "--batch-size", str(batch_size), "--steps", str(steps),
          "--noise-multiplier", str(noise_multiplier), "--out", out],

@@ -2,6 +2,7 @@
 dump, per rank, the final parameters and every step's released scalar. Used by tests/test_ddp.py."""
 
 import argparse
+from datetime import timedelta
 import os
 import sys
 
@@ -40,7 +41,7 @@ def main():
     rec = Recorder()
     strategy = DPZeroStrategy(
         noise_multiplier=args.noise_multiplier, clip=2.0, seed=123, sampling_seed=7,
-        poisson_sampling=bool(args.poisson), accountant="rdp",
+        poisson_sampling=bool(args.poisson), accountant="rdp", timeout=timedelta(seconds=120),
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,

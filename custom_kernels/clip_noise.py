@@ -1,0 +1,251 @@
+"""Per-example clipping and Gaussian noise for DP-SGD, written once into a flat fp32 gradient buffer.
+
+The three steps of a private gradient, for a batch of ``B`` examples with per-example gradients ``∇_i``:
+
+1. per-example squared norms ``||∇_i||^2`` (fp32 accumulation), summed by the caller over all layers:
+   :func:`per_example_sq_norms` for per-example gradients given as a ``[B, P]`` tensor, and
+   :func:`factor_sq_norms` for the book-keeping / ghost form of a linear layer, where ``∇_i = g_i^T a_i`` with
+   activations ``a_i`` ``[T, d]`` and output gradients ``g_i`` ``[T, p]`` (Gram trick: the ``[p, d]`` gradient is
+   never formed when ``T^2 <= p d``);
+2. clip coefficients ``c_i = min(1, C / (||∇_i|| + eps))``: :func:`clip_coefficients`;
+3. :func:`clip_and_noise_`: ``out <- [out +] Σ_i c_i ∇_i + noise_std * ξ`` in one pass, where ``∇_i`` is a row of a
+   ``[B, P]`` tensor or the factor pair ``(a, g)``, and ``ξ ~ N(0, I)`` is generated from the caller's
+   ``(seed, offset)``: never from a global RNG, which is never touched or reseeded.
+
+Noise streams (same distribution, different values):
+
+* Triton path: ``ξ_j = z(seed, offset + j)``, the counter-based Philox stream of :mod:`custom_kernels.zo_perturb`'s
+  kernel (``tl.randn4x(seed, k // 4)[k % 4]`` at ``k = offset + j``), generated in registers, so disjoint
+  ``[offset, offset + numel)`` ranges of one seed give independent noise (use the slice's position in the flat
+  buffer as its offset).
+* Reference path: ``torch.randn`` from a private ``torch.Generator`` on ``out``'s device seeded with
+  ``mix_seed(seed, offset)`` (a function of ``(seed, offset, numel)``; use disjoint offsets for disjoint slices).
+
+The noise seed should come from OS entropy (e.g. ``int.from_bytes(os.urandom(8), "little")``) and must not be the
+ZO direction seed or a user-visible training seed.
+
+Backends as in :mod:`custom_kernels.zo_perturb`: ``"auto"`` (Triton for CUDA tensors when triton is importable,
+torch otherwise), ``"triton"`` (forced; on the CPU only under ``TRITON_INTERPRET=1``), ``"torch"``. With
+``noise_std=0`` the two agree to fp32 rounding (they sum in different orders).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
+from custom_kernels.zo_perturb import _signed64, mix_seed
+
+__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "per_example_sq_norms"]
+
+_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_INDEX = 1 << 63
+
+
+def _cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if t.dtype not in _GRAD_DTYPES:
+        raise ValueError(f"`{name}` has dtype {t.dtype}; expected one of float32, float16, bfloat16")
+
+
+def _check_contiguous(name: str, t: Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(
+            f"`{name}` (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous; call `.contiguous()` first"
+        )
+
+
+def per_example_sq_norms(grads: Tensor) -> Tensor:
+    """``||grads[i]||^2`` for each example ``i`` of ``grads`` ``[B, ...]`` (fp32 accumulation), as fp32 ``[B]``."""
+    _check_float("grads", grads)
+    if grads.dim() < 1:
+        raise ValueError("`grads` must have a leading batch dimension")
+    flat = grads.reshape(grads.shape[0], math.prod(grads.shape[1:]))
+    return torch.linalg.vector_norm(flat, ord=2, dim=1, dtype=torch.float32).square()
+
+
+def factor_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+    """``||g_i^T a_i||_F^2`` per example, as fp32 ``[B]``, for a linear layer's per-example weight gradient.
+
+    ``a`` are the layer's inputs ``[B, T, d]`` (or ``[B, d]``), ``g`` the gradients of its outputs ``[B, T, p]`` (or
+    ``[B, p]``). 2-D inputs use ``||a_i||^2 ||g_i||^2``. 3-D inputs use the Gram trick
+    ``Σ_{s,t} (a_s · a_t)(g_s · g_t)`` when ``T^2 <= p d`` (memory ``O(B T^2)``) and the explicit per-example
+    gradient otherwise (memory ``O(B p d)``), whichever is smaller. Math in fp32.
+    """
+    _check_float("a", a)
+    _check_float("g", g)
+    if a.dim() != g.dim() or a.dim() not in (2, 3) or a.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"`a` {tuple(a.shape)} and `g` {tuple(g.shape)} must be [B, T, d] and [B, T, p] (or 2-D)")
+    a, g = a.float(), g.float()
+    if a.dim() == 2:
+        return a.square().sum(1) * g.square().sum(1)
+    t, d, p = a.shape[1], a.shape[2], g.shape[2]
+    if t * t <= p * d:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+
+
+def clip_coefficients(sq_norms: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
+    """Clip coefficients ``c_i = min(1, max_norm / (sqrt(sq_norms_i) + eps))`` (fp32), so ``||c_i ∇_i|| <= max_norm``.
+
+    ``sq_norms`` is the per-example squared norm over *all* clipped parameters (sum the per-layer values first).
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    return (max_norm / (sq_norms.float().sqrt() + eps)).clamp(max=1.0)
+
+
+def _reference(
+    out: Tensor,
+    grads: Tensor | None,
+    factors: tuple[Tensor, Tensor] | None,
+    coeffs: Tensor,
+    noise_std: float,
+    seed: int | None,
+    offset: int,
+    accumulate: bool,
+) -> None:
+    if grads is not None:
+        total = coeffs @ grads.float()
+    else:
+        a, g = factors
+        total = torch.einsum("b,btp,btd->pd", coeffs, g.float(), a.float()).reshape(-1)
+    if noise_std:
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(mix_seed(seed, offset))
+        total.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=noise_std)
+    if accumulate:
+        out.add_(total)
+    else:
+        out.copy_(total)
+
+
+def _triton(
+    out: Tensor,
+    grads: Tensor | None,
+    factors: tuple[Tensor, Tensor] | None,
+    coeffs: Tensor,
+    noise_std: float,
+    seed: int | None,
+    offset: int,
+    accumulate: bool,
+) -> None:
+    kernels = triton_kernels()
+    interp = interpreting(kernels)
+    common = {
+        "noise_std": float(noise_std),
+        "seed": _signed64(seed if seed is not None else 0),
+        "offset": int(offset),
+        "ACCUMULATE": accumulate,
+        "HAS_NOISE": noise_std != 0,
+        "enable_fp_fusion": False,  # no FMA contraction: sums round like the formula
+    }
+    with torch.cuda.device(out.device) if out.device.type == "cuda" else nullcontext():
+        if grads is not None:
+            batch, numel = grads.shape
+            tile = 1 << 16 if interp else 2048
+            rows = min(16, _next_pow2(batch)) if interp else 4
+            kernels.clip_noise_rows_kernel[(_cdiv(numel, tile),)](
+                out, grads, coeffs, batch, numel, grads.stride(0),
+                ALIGNED4=offset % 4 == 0, TILE=tile, ROWS=rows, num_warps=8, **common,
+            )  # fmt: skip
+        else:
+            a, g = factors
+            batch, steps, d = a.shape
+            p = g.shape[2]
+            bm, bn = (128, 128) if interp else (64, 64)
+            bt = max(16, min(64, _next_pow2(steps))) if interp else 32
+            kernels.clip_noise_factors_kernel[(_cdiv(p, bm), _cdiv(d, bn))](
+                out, a, g, coeffs, batch, steps, p, d, a.stride(0), a.stride(1), g.stride(0), g.stride(1),
+                UPCAST=interp or a.dtype == torch.float32, BM=bm, BN=bn, BT=bt, num_warps=4, **common,
+            )  # fmt: skip
+
+
+@torch.no_grad()
+def clip_and_noise_(
+    out: Tensor,
+    grads: Tensor | tuple[Tensor, Tensor],
+    coeffs: Tensor,
+    noise_std: float = 0.0,
+    seed: int | None = None,
+    offset: int = 0,
+    *,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Clipped sum plus Gaussian noise, written once into ``out``; returns ``out``.
+
+    ``out[j] <- [out[j] +] Σ_i coeffs[i] * ∇_i[j] + noise_std * ξ_j``
+
+    Args:
+        out: fp32, contiguous, ``P`` elements (e.g. a slice of the flat gradient buffer; any shape, read as flat).
+        grads: per-example gradients ``[B, ...]`` with ``P`` elements per example (row ``i`` is ``∇_i`` flattened),
+            or the book-keeping factors ``(a, g)`` of a linear layer: ``a`` ``[B, T, d]``, ``g`` ``[B, T, p]`` (or
+            ``[B, d]``, ``[B, p]``), for which ``∇_i = g_i^T a_i`` is ``[p, d]`` flattened row-major (the layout of
+            ``nn.Linear.weight``), ``P = p * d``. fp32, fp16 or bf16, contiguous; the sum is accumulated in fp32.
+        coeffs: ``[B]`` clip coefficients (see :func:`clip_coefficients`); any weighting works, e.g. ``c_i / B``.
+        noise_std: standard deviation of the added noise (``σ C``, scaled as the caller needs); 0 adds none.
+        seed: the noise seed (required when ``noise_std > 0``); keep it secret, derive it from OS entropy.
+        offset: position of ``out[0]`` in the noise stream; give disjoint slices disjoint ranges.
+        accumulate: add into ``out`` (``True``) or overwrite it (``False``, default; ``out`` is then not read).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (module docstring).
+    """
+    if not isinstance(out, Tensor) or out.dtype != torch.float32:
+        raise ValueError(f"`out` must be a float32 tensor, got {getattr(out, 'dtype', type(out))}")
+    _check_contiguous("out", out)
+    if noise_std < 0 or not math.isfinite(noise_std):
+        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
+    if noise_std > 0 and seed is None:
+        raise ValueError("noise_std > 0 needs an explicit `seed` (from OS entropy); global RNGs are never used")
+    if offset < 0 or offset + out.numel() > _MAX_INDEX:
+        raise ValueError(f"offset {offset} is outside [0, 2**63 - numel)")
+
+    if isinstance(grads, (tuple, list)):
+        if len(grads) != 2:
+            raise ValueError("book-keeping factors must be a pair (a, g)")
+        a, g = grads
+        for name, t in (("a", a), ("g", g)):
+            _check_float(name, t)
+            _check_contiguous(name, t)
+        if a.dim() == 2 and g.dim() == 2:
+            a, g = a.unsqueeze(1), g.unsqueeze(1)
+        if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
+            raise ValueError(f"`a` {tuple(a.shape)} and `g` {tuple(g.shape)} must be [B, T, d] and [B, T, p] (or 2-D)")
+        if a.dtype != g.dtype:
+            raise ValueError(f"`a` ({a.dtype}) and `g` ({g.dtype}) must have the same dtype")
+        numel, batch, per_example, factors = g.shape[2] * a.shape[2], a.shape[0], None, (a, g)
+        inputs = (a, g)
+    else:
+        _check_float("grads", grads)
+        _check_contiguous("grads", grads)
+        if grads.dim() < 2:
+            raise ValueError(f"`grads` must be [B, P] (one row per example), got shape {tuple(grads.shape)}")
+        per_example, factors = grads.reshape(grads.shape[0], math.prod(grads.shape[1:])), None
+        batch, numel = per_example.shape
+        inputs = (grads,)
+    if out.numel() != numel:
+        raise ValueError(f"`out` has {out.numel()} elements, the per-example gradients have {numel}")
+    if coeffs.dim() != 1 or coeffs.shape[0] != batch or not coeffs.is_floating_point():
+        raise ValueError(
+            f"`coeffs` must be a floating [B] = [{batch}] tensor, got {coeffs.dtype} {tuple(coeffs.shape)}"
+        )
+    for t in (*inputs, coeffs):
+        if t.device != out.device:
+            raise ValueError(f"all tensors must be on {out.device}, got one on {t.device}")
+    coeffs = coeffs.float().contiguous()
+
+    run = _triton if use_triton(backend, out.device, True, "") else _reference
+    if numel:
+        run(out.view(-1), per_example, factors, coeffs, noise_std, seed, offset, accumulate)
+    return out

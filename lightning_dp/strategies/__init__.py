@@ -4,9 +4,10 @@ import, so ``Trainer(strategy="dpzero")`` and LightningCLI configs work."""
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
+from lightning_dp.strategies.dpsgd import DPSGDStrategy
 from lightning_dp.strategies.dpzero import DPZeroStrategy
 
-__all__ = ["DPStrategyBase", "DPZeroStrategy", "UnsafeSettingError"]
+__all__ = ["DPSGDStrategy", "DPStrategyBase", "DPZeroStrategy", "UnsafeSettingError"]
 
 if "dpzero" not in StrategyRegistry:
     StrategyRegistry.register(
@@ -14,4 +15,12 @@ if "dpzero" not in StrategyRegistry:
         DPZeroStrategy,
         description="DPZero private zeroth-order optimization, target ε=8 (pass DPZeroStrategy(eps=...) to choose)",
         eps=8.0,
+    )
+
+if "dpsgd" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "dpsgd",
+        DPSGDStrategy,
+        description="DP-SGD, per-example clipping by book-keeping, target ε=3 (pass DPSGDStrategy(eps=...) to choose)",
+        eps=3.0,
     )

@@ -1,0 +1,406 @@
+"""DP-SGD with per-example clipping by book-keeping: ONE backward pass, no second backward, no ``[B, P]`` tensor for
+the supported layers.
+
+During the forward pass, a forward hook on every module that owns a trainable parameter stores the module's input
+``a`` (detached) and registers a tensor hook on its output that stores the output gradient ``g``. After one backward
+of ``Σ_i ℓ_i``:
+
+* per-example squared norms are computed per parameter, without per-example gradients where possible:
+  ``nn.Linear`` / transformers ``Conv1D`` weights by the factor form (:func:`custom_kernels.clip_noise.factor_sq_norms`:
+  ``||a_i||·||g_i||`` for 2-D inputs, the Gram "ghost" norm or the explicit ``g_iᵀ a_i`` for 3-D inputs, whichever
+  is smaller), ``nn.Embedding`` by the token-match Gram ``Σ_{t,s} 1[x_t = x_s ≠ pad] ⟨g_t, g_s⟩``; biases, norms
+  (``LayerNorm``, HF ``*RMSNorm``) and layers handled by Opacus's registered grad samplers are instantiated
+  (``[B, *shape]``, small);
+* ``c_i = min(1, C / (||∇_i|| + 1e-6))`` over all parameters jointly (flat clipping);
+* ``Σ_i c_i ∇_i`` is written per parameter into one flat fp32 buffer (book-keeping: from the stored ``a``, ``g``),
+  Gaussian noise ``σC`` is fused into the same pass on the rank that adds it.
+
+Tied parameters (one parameter used by several modules, or one module called several times, e.g. GPT-2's
+``wte``/``lm_head``): the per-example gradient is the sum over uses, so its norm is not the sum of per-use norms.
+For such a parameter the per-example gradient of every use is instantiated (``[B, *shape]``, e.g. ``B × V × d`` for a
+tied embedding: the memory of ``B`` copies of that parameter) and the uses are added before the norm is taken.
+
+A check on the first step (:meth:`BookKeepingDPSGD._verify`, run by the strategy) compares ``Σ_i ∇_i`` rebuilt
+from the hooks with autograd's gradient and raises if a parameter is used outside its module.
+
+Assumptions (as in Opacus): every hooked module sees batch-first inputs whose dim 0 is the example index (a
+module whose output has batch dim 1 while the batch has ``B > 1`` examples, e.g. shared ``position_ids``, is
+expanded to ``B`` in its forward hook so its per-example gradients exist), and trainable parameters are used only
+through the modules that own them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from custom_kernels.clip_noise import clip_and_noise_, clip_coefficients, factor_sq_norms
+from custom_kernels.zo_perturb import mix_seed
+from lightning_dp.mechanisms.collective import Collective
+
+__all__ = ["BookKeepingDPSGD", "DPSGDStepResult", "UnsupportedLayerError"]
+
+_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+class UnsupportedLayerError(TypeError):
+    """A trainable parameter belongs to a module whose per-example gradients cannot be computed."""
+
+
+@dataclass
+class DPSGDStepResult:
+    """What one private step released (on every rank): the clipped sum and noise are global (after the all-reduce)."""
+
+    num_examples: int  # examples on this rank
+    clipped_fraction: float  # fraction of this rank's examples with c_i < 1
+    noise_std: float
+    sq_norms: Tensor | None = field(default=None, repr=False)  # this rank's per-example squared norms
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` ``[d_in, d_out]``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _is_hf_rmsnorm(module: nn.Module) -> bool:
+    """HF-style RMSNorm (Llama, T5, Mistral...): ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)``."""
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and hasattr(module, "variance_epsilon")
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and module.weight.dim() == 1
+        and len(list(module.parameters(recurse=False))) == 1
+    )
+
+
+def _opacus_sampler(module: nn.Module) -> Any:
+    try:
+        from opacus.grad_sample import GradSampleModule
+    except ImportError:  # pragma: no cover - opacus is a dependency
+        return None
+    return GradSampleModule.GRAD_SAMPLERS.get(type(module))
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, _BATCH_MIXING):
+        raise UnsupportedLayerError(
+            f"{type(module).__name__} mixes the examples of a batch (its output for one example depends on the "
+            "others), so per-example gradients and DP-SGD's guarantee do not exist for it. Replace it with GroupNorm "
+            "or LayerNorm (e.g. `opacus.validators.ModuleValidator.fix(model)`). Freezing it is not enough: in train "
+            "mode it normalizes each example with statistics of the whole batch."
+        )
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if _is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+        if module.max_norm is not None:
+            raise UnsupportedLayerError("nn.Embedding(max_norm=...) renormalizes rows in place: not supported")
+        return "embedding"
+    if type(module) is nn.LayerNorm:
+        return "layernorm"
+    if _is_hf_rmsnorm(module):
+        return "hf_rmsnorm"
+    if _opacus_sampler(module) is not None:
+        return "opacus"
+    raise UnsupportedLayerError(type(module).__name__)
+
+
+class _Use:
+    __slots__ = ("a", "g")
+
+    def __init__(self, a: Any) -> None:
+        self.a = a
+        self.g: Tensor | None = None
+
+
+class BookKeepingDPSGD:
+    """Per-example clipped, noised gradient of a module's trainable parameters from one backward pass.
+
+    Args:
+        module: the model (e.g. the LightningModule); every parameter with ``requires_grad`` is privatized.
+        clip: C.
+        verify_rtol: relative tolerance of the check in :meth:`_verify` (loose enough for bf16 autocast).
+    """
+
+    def __init__(self, module: nn.Module, clip: float, verify_rtol: float = 1e-2) -> None:
+        self.clip = float(clip)
+        self.verify_rtol = float(verify_rtol)
+        self.params: list[nn.Parameter] = []
+        modules: dict[int, tuple[str, nn.Module, str]] = {}
+        unsupported: list[str] = []
+        for name, mod in module.named_modules():
+            if isinstance(mod, _BATCH_MIXING):
+                _kind(mod)  # raises, even when frozen: in train mode it mixes the examples of a batch
+            own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            try:
+                kind = _kind(mod)
+            except UnsupportedLayerError as err:
+                if str(err) != type(mod).__name__:
+                    raise
+                unsupported.append(f"{name or '<root>'} ({type(mod).__name__})")
+                continue
+            modules[id(mod)] = (name, mod, kind)
+        if unsupported:
+            raise UnsupportedLayerError(
+                "DP-SGD cannot compute per-example gradients for the trainable parameters of: "
+                + ", ".join(unsupported)
+                + ". Supported: nn.Linear, nn.Embedding, nn.LayerNorm, transformers Conv1D, HF *RMSNorm, and module "
+                "types with an Opacus grad sampler (opacus.grad_sample.register_grad_sampler). Freeze them "
+                "(requires_grad=False) or register a grad sampler for them."
+            )
+        seen: set[int] = set()
+        self._named: list[tuple[str, nn.Parameter]] = []
+        for n, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+                self._named.append((n, p))
+        if not self.params:
+            raise ValueError("the model has no parameter that requires grad: nothing to train")
+        self._modules = list(modules.values())
+        self._sizes = [p.numel() for p in self.params]
+        self._offsets = [0]
+        for n in self._sizes[:-1]:
+            self._offsets.append(self._offsets[-1] + n)
+        self.numel = sum(self._sizes)
+        self._uses: dict[int, list[_Use]] = {id(m): [] for _, m, _ in self._modules}
+        self.capturing = False
+        self.batch_size: int | None = None
+        self._opacus_cache: dict[int, dict[Any, Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in self._modules]
+
+    # ------------------------------------------------------------------ hooks
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        for uses in self._uses.values():
+            uses.clear()
+        self._opacus_cache.clear()
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
+        if not (self.capturing and torch.is_grad_enabled()):
+            return None
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        a = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
+        use = _Use(a)
+        b = self.batch_size
+        if b is not None and b > 1 and output.dim() > 0 and output.shape[0] == 1:
+            # shared input (e.g. position_ids [1, T]) broadcast over the batch: expand so per-example grads exist
+            output = output.expand(b, *output.shape[1:])
+            use.a = tuple(x.expand(b, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1
+                          else x for x in a)
+        self._uses[id(module)].append(use)
+
+        def store(grad: Tensor) -> None:
+            use.g = grad.detach() if use.g is None else use.g + grad.detach()
+
+        output.register_hook(store)
+        return output
+
+    # ------------------------------------------------------------------ per-example pieces
+    def _check(self, name: str, module: nn.Module, use: _Use, batch: int) -> None:
+        x = use.a[0] if use.a else None
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch or use.g.shape[0] != batch:
+            shape = None if not isinstance(x, Tensor) else tuple(x.shape)
+            raise RuntimeError(
+                f"DP-SGD: module {name or '<root>'} ({type(module).__name__}) was called with an input of shape "
+                f"{shape} whose first dimension is not the batch of {batch} examples; per-example gradients need "
+                "batch-first inputs."
+            )
+
+    def _dense(self, kind: str, module: nn.Module, use: _Use, p: nn.Parameter) -> Tensor:
+        """The per-example gradient ``[B, *p.shape]`` (fp32) of one parameter ``p`` of ``module`` for one use."""
+        g = use.g.float()
+        x = use.a[0]
+        if kind in ("linear", "conv1d"):
+            g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+            if p is module.bias:
+                return g3.sum(1)
+            a3 = x.float().reshape(x.shape[0], -1, x.shape[-1])
+            return torch.einsum("btp,btd->bpd" if kind == "linear" else "btp,btd->bdp", g3, a3)
+        if kind == "embedding":
+            ids = x.reshape(x.shape[0], -1)
+            g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+            if module.padding_idx is not None:
+                g3 = g3 * (ids != module.padding_idx).unsqueeze(-1)
+            b, v, d = ids.shape[0], module.num_embeddings, g3.shape[-1]
+            dense = torch.zeros(b, v, d, device=g.device, dtype=torch.float32)
+            return dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, d), g3)
+        if kind == "layernorm":
+            dims = tuple(range(-len(module.normalized_shape), 0))
+            red = tuple(range(1, x.dim() - len(dims)))
+            if p is module.bias:
+                return g.sum(red) if red else g
+            a = x.float()
+            mean = a.mean(dims, keepdim=True)
+            var = a.var(dims, unbiased=False, keepdim=True)
+            gx = g * ((a - mean) * torch.rsqrt(var + module.eps))
+            return gx.sum(red) if red else gx
+        if kind == "hf_rmsnorm":
+            a = x.float()
+            normed = (a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype).float()
+            red = tuple(range(1, a.dim() - 1))
+            return (g * normed).sum(red) if red else g * normed
+        # a module type with an Opacus grad sampler (computes all of the module's trainable parameters at once)
+        result = self._opacus_cache.get(id(use))
+        if result is None:
+            result = _opacus_sampler(module)(module, [t for t in use.a if isinstance(t, Tensor)], use.g)
+            self._opacus_cache[id(use)] = result
+        return result.pop(p).float()
+
+    # ------------------------------------------------------------------ the private gradient
+    @torch.no_grad()
+    def private_sum(
+        self,
+        batch: int,
+        noise_std: float,
+        collective: Collective,
+        device: torch.device,
+        reference_grads: dict[int, Tensor] | None = None,
+    ) -> tuple[Tensor, DPSGDStepResult]:
+        """``Σ_i c_i ∇_i`` (+ N(0, noise_std²) on rank 0), all-reduced (SUM) over ranks, as one flat fp32 buffer.
+
+        ``reference_grads`` (``id(p) -> autograd's gradient of Σ_i ℓ_i``): if given, check first that the hooks
+        account for all of it (see :meth:`_verify`)."""
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        seed = secrets.randbits(63) if noise_std > 0 and collective.rank == 0 else None
+        std = noise_std if seed is not None else 0.0
+        sq = torch.zeros(batch, dtype=torch.float32, device=device)
+        # plans[id(p)]: ("factors", a, g) | ("dense", G) | ("embedding", ids, g, padding_idx)
+        plans: dict[int, tuple] = {}
+        if batch > 0:
+            uses_of: dict[int, list[tuple[str, nn.Module, str, _Use]]] = {}
+            for name, mod, kind in self._modules:
+                for use in self._uses[id(mod)]:
+                    if use.g is None:  # output did not reach the loss
+                        continue
+                    self._check(name, mod, use, batch)
+                    for p in mod.parameters(recurse=False):
+                        if p.requires_grad:
+                            uses_of.setdefault(id(p), []).append((name, mod, kind, use))
+            for p in self.params:
+                uses = uses_of.get(id(p), [])
+                if not uses:
+                    continue
+                if len(uses) == 1:
+                    name, mod, kind, use = uses[0]
+                    plan = self._factored(kind, mod, p, use)
+                    if plan is not None:
+                        plans[id(p)] = plan
+                        if plan[0] == "factors":
+                            sq += factor_sq_norms(plan[1], plan[2])
+                        else:
+                            sq += _embedding_sq_norms(plan[1], plan[2], plan[3])
+                        continue
+                # several uses (tied parameter): the per-example gradient is the sum over uses, instantiated
+                total = None
+                for name, mod, kind, use in uses:
+                    gs = self._dense(kind, mod, use, p)
+                    total = gs if total is None else total.add_(gs)
+                plans[id(p)] = ("dense", total.reshape(batch, -1).contiguous())
+                sq += plans[id(p)][1].square().sum(1)
+        coeffs = clip_coefficients(sq, self.clip) if batch > 0 else sq
+        if reference_grads is not None and batch > 0:
+            self._verify(plans, reference_grads, batch, device)
+        for p, off, n in zip(self.params, self._offsets, self._sizes):
+            _write(flat[off:off + n], p, plans.get(id(p)), coeffs, std, seed, off)
+        collective.all_reduce_sum(flat)
+        clipped = float((coeffs < 1).float().mean().item()) if batch > 0 else 0.0
+        self.reset()
+        return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq)
+
+    def _verify(self, plans: dict[int, tuple], reference: dict[int, Tensor], batch: int, device: torch.device) -> None:
+        """Σ_i ∇_i rebuilt from the hooks must equal autograd's gradient of Σ_i ℓ_i (catches parameters used
+        outside the modules that own them, e.g. ``F.linear(x, emb.weight)``, whose per-example gradients would be
+        wrong)."""
+        ones = torch.ones(batch, dtype=torch.float32, device=device)
+        names = {id(p): n for n, p in self._named}
+        # absolute floor: parameters whose gradient is zero up to rounding (e.g. attention key biases)
+        floor = 1e-5 * float(torch.stack([g.detach().float().norm() for g in reference.values()]).norm())
+        for p in self.params:
+            ref = reference.get(id(p))
+            if ref is None:
+                continue
+            ref = ref.detach().float().reshape(-1)
+            mine = torch.zeros(p.numel(), dtype=torch.float32, device=device)
+            _write(mine, p, plans.get(id(p)), ones, 0.0, None, 0)
+            scale = float(ref.norm()) + float(mine.norm())
+            if float((mine - ref).norm()) > self.verify_rtol * scale + floor:
+                raise RuntimeError(
+                    f"DP-SGD: the per-example gradients of parameter {names.get(id(p), tuple(p.shape))!r} do not add "
+                    "up to its gradient: it is used outside the module that owns it (e.g. a functional call on "
+                    "`module.weight`, or a module whose input is not batch-first). Per-example clipping would be "
+                    "wrong for it; call the owning module instead, or freeze the parameter."
+                )
+
+    def _factored(self, kind: str, module: nn.Module, p: nn.Parameter, use: _Use) -> tuple | None:
+        """The norm-without-instantiation plan of a singly used weight, or None (instantiate)."""
+        x = use.a[0]
+        if kind in ("linear", "conv1d") and p is module.weight:
+            a, g = x, use.g
+            if a.dtype != g.dtype or a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                a, g = a.float(), g.float()
+            if a.dim() >= 3:
+                a = a.reshape(a.shape[0], -1, a.shape[-1])
+                g = g.reshape(g.shape[0], -1, g.shape[-1])
+            a, g = a.contiguous(), g.contiguous()
+            # Linear: ∇W_i = g_iᵀ a_i  [p, d]; Conv1D: ∇W_i = a_iᵀ g_i  [d, p] (swap the factors)
+            return ("factors", a, g) if kind == "linear" else ("factors", g, a)
+        if kind == "embedding":
+            ids = x.reshape(x.shape[0], -1)
+            g = use.g.reshape(use.g.shape[0], -1, use.g.shape[-1])
+            return ("embedding", ids, g, module.padding_idx)
+        return None
+
+    def write_grads(self, flat: Tensor, scale: float) -> None:
+        """``p.grad <- flat_slice * scale`` (a view of ``flat`` for fp32 parameters)."""
+        flat.mul_(scale)
+        for p, off, n in zip(self.params, self._offsets, self._sizes):
+            g = flat[off:off + n].view(p.shape)
+            p.grad = g if p.dtype == torch.float32 else g.to(p.dtype)
+
+    def clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: float, seed: int | None, off: int) -> None:
+    """``out <- Σ_i coeffs_i ∇_i + std · ξ`` for one parameter (``out`` is its zeroed slice of the flat buffer)."""
+    if plan is not None and plan[0] != "embedding":
+        src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
+        clip_and_noise_(out, src, coeffs, std, seed, off)
+        return
+    if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
+        _, ids, g, pad = plan
+        g = g.float() * coeffs.view(-1, *([1] * (g.dim() - 1)))
+        if pad is not None:
+            g = g * (ids != pad).unsqueeze(-1)
+        out.view(p.shape).index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+    if std:
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(mix_seed(seed, off))
+        out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
+
+
+def _embedding_sq_norms(ids: Tensor, g: Tensor, padding_idx: int | None) -> Tensor:
+    """``Σ_{t,s} 1[x_t = x_s ≠ pad] ⟨g_t, g_s⟩`` per example (fp32 ``[B]``), O(B T²) memory."""
+    g = g.float()
+    match = ids.unsqueeze(2) == ids.unsqueeze(1)
+    if padding_idx is not None:
+        keep = ids != padding_idx
+        match = match & keep.unsqueeze(2) & keep.unsqueeze(1)
+    gram = torch.bmm(g, g.transpose(1, 2))
+    return (gram * match).sum((1, 2))
+
+

@@ -1,0 +1,165 @@
+"""``Trainer(strategy=DPSGDStrategy(eps=3))``: DP-SGD with per-example clipping from one backward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD, DPSGDStepResult, UnsupportedLayerError
+from lightning_dp.mechanisms.per_sample import per_sample_loss
+from lightning_dp.privacy.sampling import is_empty_batch
+from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
+from lightning_dp.strategies.dpzero import _batch_size
+
+__all__ = ["DPSGDStrategy", "UnsupportedLayerError"]
+
+
+class DPSGDStrategy(DPStrategyBase):
+    """DP-SGD (Abadi et al. 2016) with flat per-example clipping computed by book-keeping (Bu et al. 2023) and
+    ghost norms (Li et al. 2022): one forward, ONE backward of ``Σ_i ℓ_i``, no per-example gradient for linear and
+    embedding layers, no second backward.
+
+    Use it with any LightningModule whose ``training_step`` returns per-example losses (a Tensor ``[B]`` or a dict
+    with ``"per_sample_loss"``), with your own optimizer (SGD, Adam, AdamW, ...) and LR schedulers: they step on the
+    private gradient ``(Σ_i c_i ∇_i + N(0, σ²C²I)) / (q·N)``, ``c_i = min(1, C / (||∇_i|| + 1e-6))`` over all
+    trainable parameters jointly. Every parameter with ``requires_grad`` is privatized; frozen ones cost nothing.
+
+    Supported trainable layers: ``nn.Linear``, ``nn.Embedding`` (``padding_idx`` rows get no gradient),
+    ``nn.LayerNorm``, transformers ``Conv1D``, HF ``*RMSNorm`` (Llama, T5, ...), and any module type with an Opacus
+    grad sampler. ``BatchNorm`` and other module types are refused with an error naming the module. Tied parameters
+    (e.g. GPT-2 ``wte``/``lm_head``) are handled exactly by instantiating their per-example gradients (memory
+    ``B × numel`` for each use of such a parameter).
+
+    Hooks: the private gradient replaces ``.grad`` inside ``backward``, before ``on_after_backward``; callbacks,
+    ``on_before_optimizer_step`` and the optimizer never see a non-private gradient. Noise is added once across
+    ranks (rank 0, OS-entropy seed per step) before one SUM all-reduce of a flat fp32 buffer; no DDP reducer.
+    An empty Poisson batch skips forward/backward: its gradient is noise / (q·N), still one step on every rank.
+
+    On the first step of a fit, ``Σ_i ∇_i`` rebuilt from the hooks is checked against autograd's gradient of
+    ``Σ_i ℓ_i``: a trainable parameter used outside the module that owns it (e.g. ``F.linear(x, emb.weight)``)
+    raises an error instead of being clipped wrongly. Modules must take batch-first inputs (dim 0 = example).
+
+    Args: see :class:`~lightning_dp.strategies.base.DPStrategyBase`.
+    """
+
+    mechanism_name = "dpsgd"
+
+    def __init__(
+        self,
+        eps: float | None = None,
+        delta: float | None = None,
+        noise_multiplier: float | None = None,
+        clip: float = 1.0,
+        accountant: str = "prv",
+        poisson_sampling: bool = True,
+        seed: int | None = None,
+        sampling_seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            delta=delta,
+            noise_multiplier=noise_multiplier,
+            clip=clip,
+            accountant=accountant,
+            poisson_sampling=poisson_sampling,
+            seed=seed,
+            sampling_seed=sampling_seed,
+            **kwargs,
+        )
+        self.mechanism: BookKeepingDPSGD | None = None
+        self._losses: Tensor | None = None
+        self._empty = False
+        self._verify_next = True
+        self.last_step: DPSGDStepResult | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup_mechanism(self, trainer: Any) -> None:
+        if self.mechanism is not None:
+            self.mechanism.remove_hooks()
+        self.mechanism = BookKeepingDPSGD(self.lightning_module, self.clip)
+        self._verify_next = True
+        privatized = {id(p) for p in self.mechanism.params}
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and id(p) not in privatized:  # pragma: no cover - defensive
+                        raise UnsafeSettingError("an optimizer holds a trainable parameter that is not in the model")
+
+    def teardown(self) -> None:
+        if self.mechanism is not None:
+            self.mechanism.remove_hooks()
+            self.mechanism = None
+        super().teardown()
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.mechanism is not None
+        batch = args[0] if args else kwargs.get("batch")
+        self._losses = None
+        self._empty = is_empty_batch(batch)
+        if self._empty:
+            return {"loss": torch.zeros((), device=self.root_device)}
+        size = _batch_size(batch)
+        self.mechanism.reset()
+        self.mechanism.batch_size = size
+        self.mechanism.capturing = True
+        try:
+            out = super().training_step(*args, **kwargs)
+        finally:
+            self.mechanism.capturing = False
+        losses = per_sample_loss(out, size)
+        self._losses = losses
+        result = dict(out) if isinstance(out, Mapping) else {}
+        result.pop("per_sample_loss", None)
+        result["loss"] = losses.detach().float().mean()
+        return result
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """One backward of ``Σ_i ℓ_i``, then the private gradient replaces ``.grad`` before ``on_after_backward``."""
+        assert self.mechanism is not None
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        self.mechanism.clear_grads()
+        batch = 0
+        if not self._empty:
+            if self._losses is None:
+                raise UnsafeSettingError(
+                    "DPSGDStrategy.backward was called without a preceding training_step of this strategy "
+                    "(manual `backward` calls are not supported)"
+                )
+            batch = int(self._losses.shape[0])
+            total = self.precision_plugin.pre_backward(self._losses.sum(), module)
+            self.precision_plugin.backward(total, module, optimizer, *args, **kwargs)
+        self._losses = None
+        self._release(batch)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def _release(self, batch: int) -> None:
+        assert self.mechanism is not None and self._collective is not None
+        assert self.noise_multiplier is not None and self.expected_batch_size is not None
+        reference = None
+        if self._verify_next and batch > 0:
+            # first non-empty step of the fit: check that the hooks account for autograd's whole gradient
+            reference = {id(p): p.grad for p in self.mechanism.params if p.grad is not None}
+            self._verify_next = False
+        self.mechanism.clear_grads()  # drop the non-private sum autograd accumulated
+        flat, result = self.mechanism.private_sum(
+            batch, self.noise_multiplier * self.clip, self._collective, self.root_device, reference_grads=reference
+        )
+        del reference
+        self.mechanism.write_grads(flat, 1.0 / self.expected_batch_size)
+        self.account_step()
+        self.last_step = result
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self.mechanism is not None:
+            self.mechanism.capturing = False
+            self.mechanism.reset()
+            self.mechanism.clear_grads()
+        super().on_exception(exception)

@@ -1,0 +1,296 @@
+"""BookKeepingDPSGD against a per-example autograd loop (σ = 0), noise calibration, and noise-once across ranks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_dp.mechanisms.collective import Collective, LocalCollective
+from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD, UnsupportedLayerError
+
+CPU = torch.device("cpu")
+
+
+def mechanism_sum(model, loss_fn, batch, clip, noise_std=0.0, collective=None):
+    mech = BookKeepingDPSGD(model, clip)
+    try:
+        mech.batch_size = batch
+        mech.capturing = True
+        losses = loss_fn(model)
+        mech.capturing = False
+        assert losses.shape == (batch,)
+        losses.sum().backward()
+        reference = {id(p): p.grad.clone() for p in mech.params if p.grad is not None}
+        mech.clear_grads()
+        flat, result = mech.private_sum(batch, noise_std, collective or LocalCollective(), CPU, reference)
+    finally:
+        mech.remove_hooks()
+    return flat, mech.params, result
+
+
+def reference_grads(model, loss_fn, params):
+    """Per-example full flat gradients [B, P] by one backward per example."""
+    losses = loss_fn(model)
+    rows = []
+    for i in range(losses.shape[0]):
+        gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
+    return torch.stack(rows).double()
+
+
+def check_against_reference(model, loss_fn, batch, rtol=1e-5):
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_ex = reference_grads(model, loss_fn, params)
+    norms = per_ex.norm(dim=1)
+    clip = float(norms.median())  # about half of the examples are clipped
+    c = (clip / (norms + 1e-6)).clamp(max=1.0)
+    assert (c < 1).any() and (c == 1).any()
+    expected = (c[:, None] * per_ex).sum(0)
+    flat, mech_params, result = mechanism_sum(model, loss_fn, batch, clip)
+    assert [id(p) for p in mech_params] == [id(p) for p in params]
+    torch.testing.assert_close(result.sq_norms.double(), norms.square(), rtol=rtol * 10, atol=1e-9)
+    err = (flat.double() - expected).norm() / expected.norm()
+    assert err < rtol, float(err)
+    return result
+
+
+def ce(model_fn, y):
+    return lambda m: F.cross_entropy(model_fn(m), y, reduction="none")
+
+
+def test_mlp_linear_2d():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    check_against_reference(model, ce(lambda m: m(x), y), 10)
+
+
+@pytest.mark.parametrize("t, d, p", [(3, 8, 6), (10, 2, 3)], ids=["gram", "instantiate"])
+def test_linear_3d_both_branches(t, d, p):
+    assert (t * t <= p * d) == (t == 3)  # the branch factor_sq_norms takes
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(d, p), nn.Tanh(), nn.Linear(p, 2))
+    x, y = torch.randn(7, t, d), torch.randint(0, 2, (7,))
+    check_against_reference(model, ce(lambda m: m(x).mean(1), y), 7)
+
+
+def test_embedding_with_padding_idx():
+    torch.manual_seed(3)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, padding_idx=0)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids).sum(1))
+
+    model = M()
+    ids = torch.randint(0, 10, (8, 6))
+    ids[:, :2] = 0  # padding
+    ids[:, 2] = ids[:, 3]  # repeated tokens within an example
+    y = torch.randint(0, 3, (8,))
+    check_against_reference(model, ce(lambda m: m(ids), y), 8)
+    # the padding row gets no gradient
+    flat, params, _ = mechanism_sum(model, ce(lambda m: m(ids), y), 8, clip=1.0)
+    assert torch.all(flat[: 10 * 4].view(10, 4)[0] == 0)
+
+
+def test_layernorm():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[1].bias.normal_()
+    x, y = torch.randn(9, 5, 4), torch.randint(0, 2, (9,))
+    check_against_reference(model, ce(lambda m: m(x).mean(1), y), 9)
+
+
+def test_transformers_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(5)
+    model = nn.Sequential(Conv1D(5, 4), nn.Tanh(), Conv1D(3, 5))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, Conv1D):
+                m.bias.normal_()
+    x, y = torch.randn(6, 4, 4), torch.randint(0, 3, (6,))
+    check_against_reference(model, ce(lambda m: m(x).mean(1), y), 6)
+    x2 = torch.randn(6, 4)
+    check_against_reference(model, ce(lambda m: m(x2), y), 6)
+
+
+def test_tied_embedding_and_output_projection():
+    torch.manual_seed(6)
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 5)
+            self.mid = nn.Linear(5, 5)
+            self.head = nn.Linear(5, 12, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+    model = TiedLM()
+    ids = torch.randint(0, 12, (6, 7))
+
+    def loss(m):
+        logits = m(ids[:, :-1])
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    check_against_reference(model, loss, 6)
+
+
+def test_module_called_twice():
+    torch.manual_seed(7)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.lin(torch.tanh(self.lin(x))))
+
+    model = Twice()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    check_against_reference(model, ce(lambda m: m(x), y), 8)
+
+
+def test_frozen_parameters_are_not_hooked():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    for p in list(model[0].parameters()) + list(model[1].parameters()):
+        p.requires_grad_(False)
+    mech = BookKeepingDPSGD(model, 1.0)
+    assert len(mech._handles) == 1 and mech.numel == 10
+    mech.remove_hooks()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batchnorm_is_a_clear_error(frozen):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[1].requires_grad_(not frozen)
+    with pytest.raises(UnsupportedLayerError, match="BatchNorm1d mixes the examples"):
+        BookKeepingDPSGD(model, 1.0)
+
+
+def test_unsupported_layer_is_one_clear_error():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(4, 4), Scale(), nn.Linear(4, 2), Scale())
+    with pytest.raises(UnsupportedLayerError, match=r"1 \(Scale\), 3 \(Scale\)"):
+        BookKeepingDPSGD(model, 1.0)
+
+
+def test_opacus_sampler_is_used_for_other_layers():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 2))
+    x, y = torch.randn(7, 2, 8), torch.randint(0, 2, (7,))
+    check_against_reference(model, ce(lambda m: m(x), y), 7)
+
+
+def test_batch_first_violation_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 2))
+    x = torch.randn(5, 3, 4)  # seq-first: [T, B, d] with T != B
+
+    with pytest.raises(RuntimeError, match="batch-first"):
+        mechanism_sum(model, lambda m: m(x).pow(2).sum((0, 2)), 3, clip=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+
+class FakeRank(Collective):
+    def __init__(self, rank):
+        self.rank, self.world_size = rank, 2
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_noise_std_is_sigma_c(empty):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(60, 50), nn.Tanh(), nn.Linear(50, 40))
+    x = torch.randn(4, 60)
+    loss = lambda m: m(x).pow(2).mean(1)  # noqa: E731
+    clean, _, _ = mechanism_sum(model, loss, 4, clip=0.5)
+    std = 0.7 * 0.5
+    if empty:
+        mech = BookKeepingDPSGD(model, 0.5)
+        noisy, _ = mech.private_sum(0, std, LocalCollective(), CPU)
+        mech.remove_hooks()
+        noise = noisy
+    else:
+        noisy, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=std)
+        noise = noisy - clean
+    n = noise.numel()  # 5090 coordinates: the std estimate is within ~1%
+    assert n > 5000
+    est = noise.double().std().item()
+    assert abs(noise.double().mean().item()) < 5 * std / math.sqrt(n)
+    assert 0.95 * std < est < 1.05 * std, est  # 2x or 0.5x fails
+
+
+def test_noise_added_on_rank_zero_only():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 5))
+    x = torch.randn(4, 6)
+    loss = lambda m: m(x).pow(2).mean(1)  # noqa: E731
+    clean, _, _ = mechanism_sum(model, loss, 4, clip=0.5)
+    r1, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, collective=FakeRank(1))
+    r0, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, collective=FakeRank(0))
+    torch.testing.assert_close(r1, clean)
+    assert (r0 - clean).abs().max() > 0.1
+    # noise seeds come from OS entropy: the global RNG is untouched and two draws differ
+    state = torch.get_rng_state()
+    a, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0)
+    b, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0)
+    assert torch.equal(state, torch.get_rng_state())
+    assert not torch.equal(a, b)
+
+
+def test_singly_used_weights_are_never_instantiated(monkeypatch):
+    """Linear/Conv1D/Embedding weights used once get ghost norms and book-kept sums: no [B, p, d] tensor."""
+    from transformers.pytorch_utils import Conv1D
+
+    instantiated = []
+    original = BookKeepingDPSGD._dense
+
+    def spy(self, kind, module, use, p):
+        instantiated.append((type(module).__name__, p is getattr(module, "weight", None)))
+        return original(self, kind, module, use, p)
+
+    monkeypatch.setattr(BookKeepingDPSGD, "_dense", spy)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.conv = Conv1D(6, 4)
+            self.ln = nn.LayerNorm(6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, ids):
+            return self.out(self.ln(self.conv(self.emb(ids))).mean(1))
+
+    torch.manual_seed(11)
+    ids, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 2, (5,))
+    check_against_reference(M(), ce(lambda m: m(ids), y), 5)
+    weights = {name for name, is_weight in instantiated if is_weight}
+    assert weights == {"LayerNorm"}, instantiated
+    assert {name for name, _ in instantiated} == {"Conv1D", "LayerNorm", "Linear"}  # biases only

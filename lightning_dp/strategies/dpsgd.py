@@ -47,34 +47,12 @@ class DPSGDStrategy(DPStrategyBase):
 
     mechanism_name = "dpsgd"
 
-    def __init__(
-        self,
-        eps: float | None = None,
-        delta: float | None = None,
-        noise_multiplier: float | None = None,
-        clip: float = 1.0,
-        accountant: str = "prv",
-        poisson_sampling: bool = True,
-        seed: int | None = None,
-        sampling_seed: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            eps=eps,
-            delta=delta,
-            noise_multiplier=noise_multiplier,
-            clip=clip,
-            accountant=accountant,
-            poisson_sampling=poisson_sampling,
-            seed=seed,
-            sampling_seed=sampling_seed,
-            **kwargs,
-        )
-        self.mechanism: BookKeepingDPSGD | None = None
-        self._losses: Tensor | None = None
-        self._empty = False
-        self._verify_next = True
-        self.last_step: DPSGDStepResult | None = None
+    # the constructor is DPStrategyBase's (same privacy arguments); per-fit state:
+    mechanism: BookKeepingDPSGD | None = None
+    last_step: DPSGDStepResult | None = None
+    _losses: Tensor | None = None
+    _empty = False
+    _verify_next = True
 
     # ------------------------------------------------------------------ setup
     def setup_mechanism(self, trainer: Any) -> None:

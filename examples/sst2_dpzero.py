@@ -1,14 +1,31 @@
 """Private zeroth-order fine-tuning (DPZero) of a RoBERTa-style classifier on SST-2, with one Trainer argument.
 
-    python examples/sst2_dpzero.py                      # defaults: finish in a few minutes on 2 CPU cores
-    python examples/sst2_dpzero.py --eps 3 --max-steps 4000 --trainable all
-    python examples/sst2_dpzero.py --model roberta-base --trainable all --accelerator gpu   # real weights, with internet
+    python examples/sst2_dpzero.py                      # defaults: ~3-4 min on 2 idle CPU cores, ε = 8
+    python examples/sst2_dpzero.py --eps 3 --max-steps 4000 --trainable all --lr 1e-5
+    python examples/sst2_dpzero.py --model roberta-base --trainable all --lr 1e-6 --clip 100 --max-steps 10000 \
+        --accelerator gpu                                # real weights (internet): where DPZero gets real accuracy
     torchrun --nproc_per_node 4 examples/sst2_dpzero.py --accelerator gpu --devices 4      # DDP, same class
 
 Data: ``--data-dir`` holds ``glue/SST-2/{train,dev}.tsv`` and ``tokenizers/bert-base-uncased/vocab.txt`` (default:
 ``../shared/data`` beside the repository when it exists). Without it, GLUE SST-2 is loaded through the ``datasets``
 package (internet needed). Without ``--model``, a small RoBERTa-style model is built from a config (random
 weights: no weights are downloaded); ``--model NAME_OR_PATH`` loads any Hugging Face checkpoint.
+
+What to expect. The defaults (random-init model, hidden 128, 1 layer, classification head trained, 1000 steps of
+B = 64 at ε = 8) demonstrate the whole pipeline quickly: Poisson sampling, σ calibrated for ε, two probes and one
+noised scalar per step, the privacy report. They do *not* give a useful classifier: from random weights the dev
+accuracy (macro-averaged, so 0.50 is chance) stays at ~0.50. This is a property of zeroth-order training from
+scratch, not of the settings: DPZero/MeZO rely on a pretrained model whose loss has a low effective dimension. Here
+the features of a random encoder carry little linearly usable signal (a perfectly fitted linear probe on them reaches
+~0.55-0.61 dev), the signal that does exist (the word embeddings: first-order Adam on all weights reaches 0.80 in
+250 steps) lives in millions of parameters, and even exact-gradient SGD, which DPZero approximates, makes no
+progress from this initialization within the budget. Use ``--model`` with a pretrained checkpoint for accuracy
+(DPZero: 92% on SST-2 with RoBERTa-large at ε = 6, with λ = 1e-3, lr = 1e-6, C = 50-400, 10k steps).
+
+Choosing ``--clip``: C bounds each example's finite difference ``s_i = (ℓ⁺ − ℓ⁻)/2λ`` and the noise on the released
+scalar has std σ·C/B, so set C near the typical |s_i| (about 0.7-2 for the default head-only model; hundreds for a
+fully fine-tuned large model). ``--lr`` must shrink as the number of trained parameters grows (the ZO step
+``η·ĝ·z`` has norm ~ η·|ĝ|·sqrt(d)): 1e-4 for the head, 1e-5 or less for all weights of the small model.
 
 The LightningModule is ordinary except for one thing every DP method needs: ``training_step`` returns the loss of
 each example (``reduction="none"``), not the batch mean.
@@ -57,9 +74,12 @@ def load_tokenizer(model: str | None, data_dir: str | None):
     from transformers import BertTokenizerFast
 
     path = os.path.join(data_dir or "", "tokenizers", "bert-base-uncased")
-    if os.path.isfile(os.path.join(path, "vocab.txt")):
-        return BertTokenizerFast(vocab_file=os.path.join(path, "vocab.txt"), do_lower_case=True)
-    return BertTokenizerFast.from_pretrained("bert-base-uncased")
+    # from_pretrained(<folder with vocab.txt>) works on transformers 4.x and 5.x alike. (On 5.x the constructor
+    # silently ignores `vocab_file=` and builds a 5-token vocabulary that maps every word to [UNK].)
+    tokenizer = BertTokenizerFast.from_pretrained(path if os.path.isfile(os.path.join(path, "vocab.txt")) else "bert-base-uncased")
+    if len(tokenizer) < 1000:
+        raise RuntimeError(f"the tokenizer loaded from {path!r} has only {len(tokenizer)} tokens: vocabulary not loaded")
+    return tokenizer
 
 
 def build_model(args, tokenizer):
@@ -145,19 +165,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else None)
     p.add_argument("--model", default=None, help="Hugging Face model name or path (default: small model from config)")
-    p.add_argument("--trainable", choices=["all", "head", "lora"], default="all")
+    p.add_argument("--trainable", choices=["all", "head", "lora"], default="head",
+                   help="what DPZero perturbs and updates (default: the classification head)")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-size", type=int, default=0, help="use the first N training examples (0: all)")
     p.add_argument("--dev-size", type=int, default=0, help="evaluate on the first N dev examples (0: all 872)")
     p.add_argument("--eps", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=None, help="default 1/N^1.1")
-    p.add_argument("--clip", type=float, default=10.0)
-    p.add_argument("--zo-eps", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, default=2.0, help="C: near the typical per-example |s_i|")
+    p.add_argument("--zo-eps", type=float, default=1e-3, help="λ, the finite-difference step")
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-steps", type=int, default=1500)
+    p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", type=int, default=1)

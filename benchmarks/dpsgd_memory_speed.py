@@ -1,0 +1,293 @@
+"""Time and peak memory of one DP-SGD step against a non-private step, on the same model and batch.
+
+    python benchmarks/dpsgd_memory_speed.py                       # CPU, RoBERTa-style classifier, B=32, T=128
+    python benchmarks/dpsgd_memory_speed.py --repeats 3 --warmup 1 --mem-steps 1    # quicker
+    python benchmarks/dpsgd_memory_speed.py --device cuda --hidden 768 --layers 12 --heads 12 --intermediate 3072
+
+Variants (each measured in its own child process, so peaks and allocator state never mix):
+
+``non-private``   forward, backward of the mean loss, ``optimizer.step()`` (the reference: 1.00x).
+``ours``          the library's :class:`~lightning_dp.mechanisms.dpsgd.BookKeepingDPSGD` driven as
+                  ``DPSGDStrategy`` drives it: forward with capture, ONE backward of ``Σ_i ℓ_i``, ``private_sum``
+                  (clipping + Gaussian noise σC, ``LocalCollective``), ``write_grads(1/B)``, ``optimizer.step()``.
+``opacus-hooks``  Opacus ``GradSampleModule`` (hooks mode: per-sample gradients ``[B, *p.shape]``) + ``DPOptimizer``.
+``opacus-ghost``  Opacus ghost clipping: ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping``
+                  + ``DPLossFastGradientClipping`` (what ``PrivacyEngine.make_private(grad_sample_mode="ghost")``
+                  builds): two backward passes, no per-sample gradients for linear layers.
+
+All variants use ``torch.optim.SGD`` (no state), fp32, the model in ``train()`` mode with every dropout set to 0
+(Opacus records activations only in train mode; dropout off keeps the variants computing the same function).
+A variant that fails (e.g. a layer Opacus does not support) is reported as ``failed: <reason>``.
+
+Time is the median over ``--repeats`` steps after ``--warmup`` steps (the fastest step is shown too). Memory is the
+peak growth over the memory held when only the model, the batch and the libraries are resident (see
+``benchmarks/_common.py``): on CUDA ``max_memory_allocated`` minus the resident allocation, on CPU the kernel's RSS
+high-water mark minus the RSS after ``malloc_trim``. Ratios are against ``non-private``.
+
+Target of the issue: DP-SGD step time <= 1.15x and peak memory <= 1.10x of the non-private step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    MiB,
+    ModelSpec,
+    PeakMemory,
+    build_model,
+    emit_result,
+    make_batch,
+    now,
+    per_example_loss,
+    run_child,
+    trainable_params,
+)
+
+VARIANTS = ("non-private", "ours", "opacus-hooks", "opacus-ghost")
+LR = 1e-4
+CLIP = 1.0
+NOISE_MULTIPLIER = 1.0
+
+
+# ---------------------------------------------------------------------------------------------- step functions
+def nonprivate_step(model, batch, device):
+    opt = torch.optim.SGD(trainable_params(model), lr=LR)
+
+    def step(t: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        per_example_loss(model, batch).mean().backward()
+        opt.step()
+
+    return step
+
+
+def ours_step(model, batch, device):
+    """One step as ``DPSGDStrategy.training_step`` + ``backward`` + ``_release`` run it, without Lightning."""
+    from lightning_dp.mechanisms.collective import LocalCollective
+    from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD
+
+    mech = BookKeepingDPSGD(model, CLIP)
+    opt = torch.optim.SGD(mech.params, lr=LR)
+    collective = LocalCollective()
+    b = batch["labels"].shape[0]
+
+    def step(t: int) -> None:
+        mech.clear_grads()
+        mech.reset()
+        mech.batch_size = b
+        mech.capturing = True
+        try:
+            losses = per_example_loss(model, batch)
+        finally:
+            mech.capturing = False
+        losses.sum().backward()
+        mech.clear_grads()  # drop the non-private sum autograd accumulated
+        flat, _ = mech.private_sum(b, NOISE_MULTIPLIER * CLIP, collective, device)
+        mech.write_grads(flat, 1.0 / b)
+        opt.step()
+
+    return step
+
+
+def opacus_hooks_step(model, batch, device):
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    b = batch["labels"].shape[0]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    opt = DPOptimizer(torch.optim.SGD(trainable_params(model), lr=LR), noise_multiplier=NOISE_MULTIPLIER,
+                      max_grad_norm=CLIP, expected_batch_size=b, loss_reduction="mean")
+
+    def step(t: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        per_example_loss(gsm, batch).mean().backward()
+        opt.step()
+
+    return step
+
+
+def opacus_ghost_step(model, batch, device):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    b = batch["labels"].shape[0]
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=CLIP,
+                                               use_ghost_clipping=True)
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(trainable_params(model), lr=LR),
+                                          noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP,
+                                          expected_batch_size=b, loss_reduction="mean")
+    criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(), loss_reduction="mean")
+
+    def step(t: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        criterion(logits.float(), batch["labels"]).backward()  # both backward passes (norms, then clipped sum)
+        opt.step()
+
+    return step
+
+
+STEPS = {"non-private": nonprivate_step, "ours": ours_step, "opacus-hooks": opacus_hooks_step,
+         "opacus-ghost": opacus_ghost_step}
+
+
+# ---------------------------------------------------------------------------------------------- child: one variant
+def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int) -> dict:
+    for t in range(warmup):
+        step(t)
+    times = []
+    for t in range(warmup, warmup + repeats):
+        start = now(device)
+        step(t)
+        times.append(now(device) - start)
+    # memory on separate steps: the allocator trim before them must not slow the timed steps down
+    probe = PeakMemory(device)
+    probe.start()
+    for t in range(warmup + repeats, warmup + repeats + max(1, mem_steps)):
+        step(t)
+    baseline, peak, method = probe.stop()
+    return {"times": times, "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
+
+
+def child_main(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    spec = ModelSpec(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
+                     vocab=args.vocab, max_positions=args.seq_len + 2)
+    model = build_model(spec, device)
+    for m in model.modules():  # train mode (Opacus hooks need it) with dropout off, for every variant alike
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    batch = make_batch(args.batch_size, args.seq_len, spec.vocab, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        step = STEPS[args.variant](model, batch, device)
+        out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps)
+    except Exception as err:  # noqa: BLE001 - reported as a failed row
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, "failed": msg})
+        return
+    emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, **out})
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
+    p.add_argument("--mem-steps", type=int, default=1, help="extra steps over which the peak memory is taken")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant (child process)
+    return p.parse_args(argv)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.variant:
+        child_main(args)
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or "non-private" not in variants:
+        raise SystemExit(f"--variants must include 'non-private' and only use {VARIANTS}; got {variants}")
+    forwarded = [
+        f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
+        f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
+        f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+        f"--mem-steps={args.mem_steps}", f"--threads={args.threads}",
+    ]
+    script = os.path.abspath(__file__)
+    load_before = _load()
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(args.rounds):  # round-robin, so a burst of load from elsewhere hits all variants alike
+        for v in variants:
+            t0 = time.time()
+            try:
+                res = run_child(script, [*forwarded, f"--variant={v}"])
+            except Exception as err:  # noqa: BLE001 - the child crashed outright (e.g. killed for memory)
+                res = {"variant": v, "failed": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
+            runs[v].append(res)
+            print(f"  round {r + 1}/{args.rounds}: {v:<13} {time.time() - t0:5.1f} s", file=sys.stderr, flush=True)
+    load_after = _load()
+
+    summary: dict[str, dict] = {}
+    for v in variants:
+        ok = [run for run in runs[v] if "failed" not in run]
+        if not ok:
+            summary[v] = {"failed": runs[v][0]["failed"]}
+            continue
+        times = [t for run in ok for t in run["times"]]
+        summary[v] = {
+            "min_s": min(times),
+            "median_s": statistics.median(times),
+            "peak_growth_bytes": statistics.median(run["peak_growth_bytes"] for run in ok),
+        }
+    if "failed" in summary["non-private"]:
+        raise SystemExit(f"the non-private reference failed: {summary['non-private']['failed']}")
+    ref = next(run for run in runs["non-private"] if "failed" not in run)
+    ref_time, ref_mem = summary["non-private"]["median_s"], summary["non-private"]["peak_growth_bytes"]
+    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(
+        f"\nRoBERTa-style classifier: {ref['params'] / 1e6:.1f}M params ({ref['model_bytes'] / MiB:.0f} MiB fp32), "
+        f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, ffn {args.intermediate}, vocab {args.vocab}; "
+        f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}"
+    )
+    print(
+        f"time: {args.rounds} round(s) x {args.repeats} steps after {args.warmup} warmup, ratios on the median step; "
+        f"memory: peak growth over the resident model + batch ({ref['memory_method']})"
+    )
+    busy = args.device == "cpu" and load_before > 0.5
+    print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after"
+          + ("  <- other processes were using the CPU: timings are noisy" if busy else ""))
+    header = (f"\n{'variant':<14}{'median s/step':>14}{'min':>8}{'x non-private':>15}"
+              f"{'peak mem MiB':>14}{'x non-private':>15}")
+    print(header)
+    print("-" * (len(header) - 1))
+    for v in variants:
+        r = summary[v]
+        if "failed" in r:
+            print(f"{v:<14}failed: {r['failed']}")
+            continue
+        print(f"{v:<14}{r['median_s']:>14.3f}{r['min_s']:>8.3f}{r['median_s'] / ref_time:>14.2f}x"
+              f"{r['peak_growth_bytes'] / MiB:>14.1f}{r['peak_growth_bytes'] / max(ref_mem, 1):>14.2f}x")
+    print("\ntarget: DP-SGD <= 1.15x non-private time and <= 1.10x non-private memory")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "summary": summary, "runs": runs, "load": [load_before, load_after]}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

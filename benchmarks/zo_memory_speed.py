@@ -1,0 +1,455 @@
+"""Time and peak memory of one zeroth-order step against inference, on the same model and batch.
+
+    python benchmarks/zo_memory_speed.py                         # CPU, RoBERTa-style ~11M params, B=32, T=128
+    python benchmarks/zo_memory_speed.py --device cuda --hidden 768 --layers 12 --heads 12 --intermediate 3072
+    python benchmarks/zo_memory_speed.py --profile               # also: where the time of a perturbation pass goes
+
+Variants (each timed in one fresh child process and measured for memory in another, so peaks, allocator state and
+allocator settings never mix):
+
+``inference``     one forward under ``no_grad`` returning per-example losses ``[B]`` (the reference: 1.00x).
+``dpzero``        one DPZero step built from the library's mechanism pieces, three-pass schedule (what
+                  ``DPZeroStrategy(zo_schedule="three_pass")`` does): ``SeededDirections.move_to(seed, +λ)``, forward,
+                  ``move_to(seed, -λ)``, forward, ``clip_differences``, ``privatize_projected_gradient`` (a
+                  ``LocalCollective`` and a ``GaussianNoise``), ``SeededDirections.update`` (restore + update fused).
+``dpzero-2pass``  the same with the two-pass schedule (the strategy's default when no callback reads the parameters
+                  between steps): the update pass also applies the next step's +λz, so a step is 2 passes.
+``mezo``          MeZO's own step (princeton-nlp/MeZO ``zo_step``/``zo_update``): global ``torch.manual_seed(seed)``,
+                  ``torch.normal`` per tensor, out-of-place ``p.data = p.data + scale*z*eps``; passes +1, -2, +1
+                  (restore), update.
+``trainer``       steady-state step of a full ``Trainer(strategy=DPZeroStrategy(zo_schedule="three_pass"))`` on the
+                  same batch (fixed batches, no Poisson sampling), data loading and Lightning overhead included.
+
+Time: every variant runs ``--warmup`` untimed steps, then ``--repeats`` timed ones (``--rounds`` > 1 repeats the
+whole set of child processes round-robin). The table shows the fastest and the median step; the ratios use the
+fastest, which is the most robust figure on a machine that other processes share (the 1-minute load average is
+printed with the table). Memory: peak growth, over ``--mem-steps`` further steps, above the memory held when only
+the model, the batch and the libraries are resident (see ``benchmarks/_common.py``): on CUDA
+``max_memory_allocated`` minus what is allocated before the step, on CPU the kernel's RSS high-water mark minus the
+RSS, with glibc switched to return freed blocks to the OS at once. Ratios are against ``inference``.
+
+Target of the issue: DPZero step time <= 2.2x inference and peak memory <= 1.05x inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    EXACT_MALLOC_ENV,
+    MiB,
+    ModelSpec,
+    PeakMemory,
+    build_model,
+    emit_result,
+    make_batch,
+    now,
+    per_example_loss,
+    run_child,
+    trainable_params,
+)
+
+VARIANTS = ("inference", "dpzero", "dpzero-2pass", "mezo", "trainer")
+PASSES = {"inference": 0, "dpzero": 3, "dpzero-2pass": 2, "mezo": 4, "trainer": 3}
+LR = 1e-6  # the step size does not change the cost; keep the random model numerically tame
+ZO_EPS = 1e-3
+CLIP = 10.0
+NOISE_MULTIPLIER = 1.0
+
+
+# ---------------------------------------------------------------------------------------------- step functions
+def inference_step(model, batch, device):
+    def step(t: int) -> None:
+        with torch.no_grad():
+            per_example_loss(model, batch)
+
+    return step
+
+
+def dpzero_step(model, batch, device, two_pass: bool):
+    """One step exactly as ``DPZeroStrategy.training_step`` + ``_private_update`` run it, without Lightning."""
+    from lightning_dp.mechanisms.collective import LocalCollective
+    from lightning_dp.mechanisms.noise import GaussianNoise
+    from lightning_dp.mechanisms.zo import SeededDirections, clip_differences, privatize_projected_gradient
+
+    params = trainable_params(model)
+    directions = SeededDirections(params, base_seed=1234)
+    collective, noise = LocalCollective(), GaussianNoise(device)
+    lrs = [LR] * len(params)
+    batch_size = batch["labels"].shape[0]
+
+    def step(t: int) -> None:
+        seed = directions.seed_for(t)
+        with torch.no_grad():
+            directions.move_to(seed, +ZO_EPS)  # a no-op in the two-pass schedule: the last update applied it
+            loss_plus = per_example_loss(model, batch)
+            directions.move_to(seed, -ZO_EPS)
+            loss_minus = per_example_loss(model, batch)
+            clipped = clip_differences(loss_plus, loss_minus, ZO_EPS, CLIP)
+            result = privatize_projected_gradient(
+                clipped, NOISE_MULTIPLIER * CLIP, batch_size, collective, noise, device=device
+            )
+            next_seed = directions.seed_for(t + 1) if two_pass else None
+            directions.update(seed, result.projected_grad, lrs, next_seed=next_seed, next_scale=ZO_EPS)
+
+    step.directions = directions  # for the pass count
+    return step
+
+
+def mezo_step(model, batch, device):
+    """MeZO's ``zo_step`` + ``zo_update`` (large_models/trainer.py), weight decay 0."""
+    params = trainable_params(model)
+
+    def perturb(seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * ZO_EPS
+
+    def step(t: int) -> None:
+        seed = 1_000_003 * (t + 1)
+        with torch.no_grad():
+            perturb(seed, 1)
+            loss1 = per_example_loss(model, batch).mean()
+            perturb(seed, -2)
+            loss2 = per_example_loss(model, batch).mean()
+            projected_grad = ((loss1 - loss2) / (2 * ZO_EPS)).item()
+            perturb(seed, 1)
+            torch.manual_seed(seed)
+            for p in params:
+                z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+                p.data = p.data - LR * (projected_grad * z)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------- child: one variant
+def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int) -> dict:
+    for t in range(warmup):
+        step(t)
+    times = []
+    for t in range(warmup, warmup + repeats):
+        start = now(device)
+        step(t)
+        times.append(now(device) - start)
+    if not mem_steps:
+        return {"times": times}
+    probe = PeakMemory(device)
+    probe.start()
+    for t in range(warmup + repeats, warmup + repeats + mem_steps):
+        step(t)
+    baseline, peak, method = probe.stop()
+    return {"times": times, "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
+
+
+def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: int) -> dict:
+    """A real ``Trainer`` fit on the fixed batch; step time = interval between consecutive ``on_train_batch_end``."""
+    import warnings
+
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_dp import DPZeroStrategy
+
+    class Fixed(Dataset):  # the same B examples over and over: every step sees the benchmark's batch
+        def __len__(self):
+            return batch["labels"].shape[0] * 1000
+
+        def __getitem__(self, i):
+            j = i % batch["labels"].shape[0]
+            return {k: v[j].cpu() for k, v in batch.items()}
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, b, batch_idx):
+            return per_example_loss(self.model, b)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    total = warmup + repeats + mem_steps
+    marks: list[float] = []
+    probe = PeakMemory(device)
+    memory: dict = {}
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
+            if mem_steps and batch_idx == warmup + repeats:
+                probe.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            marks.append(now(device))
+            if mem_steps and batch_idx == total - 1:
+                memory["baseline_bytes"], memory["peak_growth_bytes"], memory["memory_method"] = probe.stop()
+
+    strategy = DPZeroStrategy(
+        noise_multiplier=NOISE_MULTIPLIER, clip=CLIP, zo_eps=ZO_EPS, zo_schedule="three_pass",
+        poisson_sampling=False, seed=1234,
+    )
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=total,
+        limit_val_batches=0,
+        callbacks=[Clock()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(Fixed(), batch_size=batch["labels"].shape[0], shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), loader)
+    # step i+1 runs from the end of step i to the end of step i+1 (data loading and every hook included);
+    # warmup >= 1, so the first timed step has a previous mark
+    times = [marks[i + 1] - marks[i] for i in range(warmup - 1, warmup + repeats - 1)]
+    return {"times": times, **memory}
+
+
+def child_main(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    spec = ModelSpec(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
+                     vocab=args.vocab, max_positions=args.seq_len + 2)
+    model = build_model(spec, device)
+    batch = make_batch(args.batch_size, args.seq_len, spec.vocab, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.variant == "profile":
+        emit_result(profile(model, batch, device, args))
+        return
+    if args.variant == "trainer":
+        out = measure_trainer(model, batch, device, max(1, args.warmup), args.repeats, args.mem_steps)
+    else:
+        if args.variant == "inference":
+            step = inference_step(model, batch, device)
+        elif args.variant == "mezo":
+            step = mezo_step(model, batch, device)
+        else:
+            step = dpzero_step(model, batch, device, two_pass=args.variant == "dpzero-2pass")
+        out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps)
+        if hasattr(step, "directions"):
+            out["passes_per_step"] = step.directions.passes / (args.warmup + args.repeats + args.mem_steps)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, **out})
+
+
+# ---------------------------------------------------------------------------------------------- profile
+def _median_time(fn, device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = now(device)
+        fn()
+        times.append(now(device) - start)
+    return statistics.median(times)
+
+
+def profile(model, batch, device, args) -> dict:
+    """Split one perturbation pass of the library (``SeededDirections.perturb``) into z generation and the
+    in-place add, and time a few alternatives for the generation, next to one inference forward."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from custom_kernels.zo_perturb import BLOCK, mix_seed
+    from lightning_dp.mechanisms.zo import SeededDirections
+
+    params = trainable_params(model)
+    numel = sum(p.numel() for p in params)
+    reps = max(3, args.repeats)
+    out: dict = {"variant": "profile", "params": numel}
+
+    def forward():
+        with torch.no_grad():
+            per_example_loss(model, batch)
+
+    out["forward"] = _median_time(forward, device, reps)
+
+    directions = SeededDirections(params, base_seed=7)
+    seeds = iter(range(10**6))
+
+    def library_pass():  # p <- p + s*z(seed); alternate signs so the parameters do not drift
+        seed = next(seeds)
+        directions.perturb(seed, ZO_EPS)
+        directions.perturb(seed, -ZO_EPS)
+
+    out["library pass (perturb_)"] = _median_time(library_pass, device, reps) / 2
+    if device.type != "cpu":
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every op of the pass single-threaded: no OpenMP region per 64K-element block
+    out["what-if: library pass under torch.set_num_threads(1)"] = _median_time(library_pass, device, reps) / 2
+    torch.set_num_threads(threads)
+
+    gen, buf = torch.Generator(), torch.empty(BLOCK)
+    blocks = [(p.view(-1), start, min(BLOCK, p.numel() - start)) for p in params for start in range(0, p.numel(), BLOCK)]
+
+    def gen_only():  # exactly the reference path's generation: reseed per block, randn into one block buffer
+        for b, (_, _, n) in enumerate(blocks):
+            gen.manual_seed(mix_seed(3, b))
+            torch.randn(n, generator=gen, out=buf[:n])
+
+    def add_only():  # exactly the reference path's update arithmetic, with z already in the buffer
+        with torch.no_grad():
+            for flat, start, n in blocks:
+                flat[start : start + n].add_(buf[:n], alpha=0.0)
+
+    out["  z generation (torch.randn, mt19937)"] = _median_time(gen_only, device, reps)
+    out["  in-place add_"] = _median_time(add_only, device, reps)
+
+    workers = max(1, torch.get_num_threads())
+    pool = ThreadPoolExecutor(workers)
+    gens = [torch.Generator() for _ in range(workers)]
+    bufs = [torch.empty(BLOCK) for _ in range(workers)]
+
+    def _gen_and_add(w: int) -> None:
+        with torch.no_grad():
+            for b in range(w, len(blocks), workers):
+                flat, start, n = blocks[b]
+                gens[w].manual_seed(mix_seed(3, b))
+                torch.randn(n, generator=gens[w], out=bufs[w][:n])
+                flat[start : start + n].add_(bufs[w][:n], alpha=0.0)
+
+    def threaded_pass():  # same stream, blocks spread over `workers` threads (randn/add_ release the GIL)
+        list(pool.map(_gen_and_add, range(workers)))
+
+    out[f"what-if: same pass, blocks over {workers} threads"] = _median_time(threaded_pass, device, reps)
+
+    def uniform_only():  # the RNG engine alone, without the Box-Muller transform of randn
+        for b, (_, _, n) in enumerate(blocks):
+            gen.manual_seed(mix_seed(3, b))
+            torch.rand(n, generator=gen, out=buf[:n])
+
+    out["what-if: uniform instead of normal (torch.rand)"] = _median_time(uniform_only, device, reps)
+    pool.shutdown()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
+    p.add_argument("--mem-steps", type=int, default=2, help="extra steps over which the peak memory is taken")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--profile", action="store_true", help="also break a perturbation pass down (CPU: z vs add)")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant (child process)
+    return p.parse_args(argv)
+
+
+def _load() -> float:
+    """1-minute load average (-1 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.variant:
+        child_main(args)
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or "inference" not in variants:
+        raise SystemExit(f"--variants must include 'inference' and only use {VARIANTS}; got {variants}")
+    forwarded = [
+        f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
+        f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
+        f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+        f"--mem-steps={args.mem_steps}", f"--threads={args.threads}",
+    ]
+    script = os.path.abspath(__file__)
+    load_before = _load()
+    # Each variant runs in two fresh processes: one times it (default allocator), one measures its memory (started
+    # with EXACT_MALLOC_ENV, so the RSS follows the live memory; that allocator setting would distort the timing).
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(args.rounds):  # round-robin, so a burst of load from elsewhere hits all variants alike
+        for v in variants:
+            t0 = time.time()
+            timed = run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"])
+            mem = run_child(script, [*forwarded, f"--variant={v}", "--repeats=0"],
+                            env=EXACT_MALLOC_ENV if args.device == "cpu" else None)
+            runs[v].append({**mem, **timed})
+            print(f"  round {r + 1}/{args.rounds}: {v:<13} {time.time() - t0:5.1f} s", file=sys.stderr, flush=True)
+    load_after = _load()
+
+    summary = {}
+    for v in variants:
+        times = [t for run in runs[v] for t in run["times"]]
+        summary[v] = {
+            "min_s": min(times),
+            "median_s": statistics.median(times),
+            "peak_growth_bytes": statistics.median(run["peak_growth_bytes"] for run in runs[v]),
+            "passes": runs[v][0].get("passes_per_step", PASSES[v]),
+        }
+    ref = runs["inference"][0]
+    ref_time, ref_mem = summary["inference"]["min_s"], summary["inference"]["peak_growth_bytes"]
+    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(
+        f"\nRoBERTa-style classifier: {ref['params'] / 1e6:.1f}M params ({ref['model_bytes'] / MiB:.0f} MiB fp32), "
+        f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, ffn {args.intermediate}, vocab {args.vocab}; "
+        f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}"
+    )
+    print(
+        f"time: {args.rounds} round(s) x {args.repeats} steps after {args.warmup} warmup, ratios on the fastest step "
+        f"(robust to other load); memory: peak growth over the resident model + batch ({ref['memory_method']})"
+    )
+    busy = args.device == "cpu" and load_before > 0.5
+    print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after"
+          + ("  <- other processes were using the CPU before we started: timings are noisy" if busy else ""))
+    header = (f"\n{'variant':<14}{'passes':>7}{'min s/step':>12}{'median':>9}{'x inference':>13}"
+              f"{'peak mem MiB':>14}{'x inference':>13}")
+    print(header)
+    print("-" * (len(header) - 1))
+    for v in variants:
+        r = summary[v]
+        print(f"{v:<14}{r['passes']:>7.0f}{r['min_s']:>12.3f}{r['median_s']:>9.3f}{r['min_s'] / ref_time:>12.2f}x"
+              f"{r['peak_growth_bytes'] / MiB:>14.1f}{r['peak_growth_bytes'] / max(ref_mem, 1):>12.2f}x")
+    print("\ntarget: dpzero <= 2.20x inference time and <= 1.05x inference memory")
+
+    results: dict = {"summary": summary, "runs": runs, "load": [load_before, load_after]}
+    if args.profile:
+        prof = run_child(script, [*forwarded, "--variant=profile"])
+        results["profile"] = prof
+        fwd, one_pass = prof["forward"], prof["library pass (perturb_)"]
+        print(f"\nprofile ({prof['params'] / 1e6:.1f}M perturbed elements per pass; median times; x = one forward):")
+        for k, v in prof.items():
+            if isinstance(v, float):
+                print(f"  {k:<56}{v * 1e3:9.1f} ms {v / fwd:6.2f}x")
+        print("  cost model, step = 2 forwards + k passes:")
+        for k in (3, 2):
+            print(f"    k={k}: {(2 * fwd + k * one_pass) / fwd:.2f}x inference; 2.20x needs a pass <= "
+                  f"{0.2 * fwd / k * 1e3:.1f} ms ({0.2 / k:.3f}x forward)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,8 @@
     python benchmarks/zo_memory_speed.py --device cuda --hidden 768 --layers 12 --heads 12 --intermediate 3072
     python benchmarks/zo_memory_speed.py --profile               # also: where the time of a perturbation pass goes
 
-Variants (each timed in one fresh child process and measured for memory in another, so peaks, allocator state and
-allocator settings never mix):
+Variants (timed and measured for memory in separate fresh child processes, so peaks, allocator state and allocator
+settings never mix):
 
 ``inference``     one forward under ``no_grad`` returning per-example losses ``[B]`` (the reference: 1.00x).
 ``dpzero``        one DPZero step built from the library's mechanism pieces, three-pass schedule (what
@@ -20,13 +20,17 @@ allocator settings never mix):
 ``trainer``       steady-state step of a full ``Trainer(strategy=DPZeroStrategy(zo_schedule="three_pass"))`` on the
                   same batch (fixed batches, no Poisson sampling), data loading and Lightning overhead included.
 
-Time: every variant runs ``--warmup`` untimed steps, then ``--repeats`` timed ones (``--rounds`` > 1 repeats the
-whole set of child processes round-robin). The table shows the fastest and the median step; the ratios use the
-fastest, which is the most robust figure on a machine that other processes share (the 1-minute load average is
-printed with the table). Memory: peak growth, over ``--mem-steps`` further steps, above the memory held when only
-the model, the batch and the libraries are resident (see ``benchmarks/_common.py``): on CUDA
-``max_memory_allocated`` minus what is allocated before the step, on CPU the kernel's RSS high-water mark minus the
-RSS, with glibc switched to return freed blocks to the OS at once. Ratios are against ``inference``.
+Time: every variant runs ``--warmup`` untimed steps, then ``--repeats`` timed ones. By default the variants without
+Lightning run in one child process, one step of each in turn (``--timing interleaved``), so they all see the same
+machine conditions; ``trainer`` runs in its own. ``--rounds`` > 1 repeats everything. The table shows the fastest and
+the median step; the ratios use the fastest, the most robust figure on a machine that other processes share (the
+1-minute load average is printed with the table). With 2 threads on an oversubscribed CPU the chunked reference
+perturbation slows down far more than a forward does (``--profile`` shows it), so compare runs at equal load.
+
+Memory: each variant in its own fresh child process, started with ``EXACT_MALLOC_ENV``: peak growth, over
+``--mem-steps`` steps, above the memory held when only the model, the batch and the libraries are resident (see
+``benchmarks/_common.py``). On CUDA ``max_memory_allocated`` minus what is allocated before the steps, on CPU the
+kernel's RSS high-water mark minus the RSS. Ratios are against ``inference``.
 
 Target of the issue: DPZero step time <= 2.2x inference and peak memory <= 1.05x inference.
 """
@@ -220,6 +224,32 @@ def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: 
     return {"times": times, **memory}
 
 
+def make_step(variant: str, model, batch, device):
+    if variant == "inference":
+        return inference_step(model, batch, device)
+    if variant == "mezo":
+        return mezo_step(model, batch, device)
+    return dpzero_step(model, batch, device, two_pass=variant == "dpzero-2pass")
+
+
+def measure_interleaved(variants: list[str], model, batch, device, args) -> dict:
+    """Time several variants in one process, one step of each in turn: every variant sees the same machine
+    conditions, so their ratios survive load from other processes far better than separate runs do. (The variants
+    share the model; the few pending ±λz offsets and 1e-6 updates they leave on it do not change the cost.)"""
+    steps = {v: make_step(v, model, batch, device) for v in variants}
+    for t in range(args.warmup):
+        for step in steps.values():
+            step(t)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for t in range(args.warmup, args.warmup + args.repeats):
+        for v, step in steps.items():
+            start = now(device)
+            step(t)
+            times[v].append(now(device) - start)
+    passes = {v: s.directions.passes / (args.warmup + args.repeats) for v, s in steps.items() if hasattr(s, "directions")}
+    return {"times_by_variant": times, "passes_by_variant": passes}
+
+
 def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -231,15 +261,12 @@ def child_main(args) -> None:
     if args.variant == "profile":
         emit_result(profile(model, batch, device, args))
         return
-    if args.variant == "trainer":
+    if args.variant.startswith("interleaved:"):
+        out = measure_interleaved(args.variant.split(":", 1)[1].split(","), model, batch, device, args)
+    elif args.variant == "trainer":
         out = measure_trainer(model, batch, device, max(1, args.warmup), args.repeats, args.mem_steps)
     else:
-        if args.variant == "inference":
-            step = inference_step(model, batch, device)
-        elif args.variant == "mezo":
-            step = mezo_step(model, batch, device)
-        else:
-            step = dpzero_step(model, batch, device, two_pass=args.variant == "dpzero-2pass")
+        step = make_step(args.variant, model, batch, device)
         out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps)
         if hasattr(step, "directions"):
             out["passes_per_step"] = step.directions.passes / (args.warmup + args.repeats + args.mem_steps)
@@ -352,6 +379,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
+    p.add_argument("--timing", choices=["interleaved", "separate"], default="interleaved",
+                   help="time the non-Lightning variants in one process, a step of each in turn (default), or each "
+                        "in its own process")
     p.add_argument("--mem-steps", type=int, default=2, help="extra steps over which the peak memory is taken")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
@@ -386,17 +416,28 @@ def main(argv=None) -> None:
     ]
     script = os.path.abspath(__file__)
     load_before = _load()
-    # Each variant runs in two fresh processes: one times it (default allocator), one measures its memory (started
-    # with EXACT_MALLOC_ENV, so the RSS follows the live memory; that allocator setting would distort the timing).
+    # Time: the variants without Lightning run interleaved in one process (one step of each in turn), the Trainer
+    # in its own (--timing separate: every variant in its own process). Memory: every variant in its own fresh
+    # process, started with EXACT_MALLOC_ENV so the RSS follows the live memory (that allocator setting would
+    # distort the timing, hence the separate processes).
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+    together = [v for v in variants if v != "trainer"] if args.timing == "interleaved" else []
     for r in range(args.rounds):  # round-robin, so a burst of load from elsewhere hits all variants alike
+        t0 = time.time()
+        timed: dict[str, dict] = {}
+        if together:
+            res = run_child(script, [*forwarded, f"--variant=interleaved:{','.join(together)}", "--mem-steps=0"])
+            for v in together:
+                timed[v] = {"times": res["times_by_variant"][v]}
+                if v in res["passes_by_variant"]:
+                    timed[v]["passes_per_step"] = res["passes_by_variant"][v]
         for v in variants:
-            t0 = time.time()
-            timed = run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"])
+            if v not in timed:
+                timed[v] = run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"])
             mem = run_child(script, [*forwarded, f"--variant={v}", "--repeats=0"],
                             env=EXACT_MALLOC_ENV if args.device == "cpu" else None)
-            runs[v].append({**mem, **timed})
-            print(f"  round {r + 1}/{args.rounds}: {v:<13} {time.time() - t0:5.1f} s", file=sys.stderr, flush=True)
+            runs[v].append({**mem, **timed[v]})
+        print(f"  round {r + 1}/{args.rounds}: {time.time() - t0:5.1f} s", file=sys.stderr, flush=True)
     load_after = _load()
 
     summary = {}
@@ -417,8 +458,8 @@ def main(argv=None) -> None:
         f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}"
     )
     print(
-        f"time: {args.rounds} round(s) x {args.repeats} steps after {args.warmup} warmup, ratios on the fastest step "
-        f"(robust to other load); memory: peak growth over the resident model + batch ({ref['memory_method']})"
+        f"time: {args.rounds} round(s) x {args.repeats} steps after {args.warmup} warmup ({args.timing}), ratios on "
+        f"the fastest step; memory: peak growth over the resident model + batch ({ref['memory_method']})"
     )
     busy = args.device == "cpu" and load_before > 0.5
     print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after"

@@ -1,6 +1,6 @@
 """Private zeroth-order fine-tuning (DPZero) of a RoBERTa-style classifier on SST-2, with one Trainer argument.
 
-    python examples/sst2_dpzero.py                      # defaults: ~3-4 min on 2 idle CPU cores, ε = 8
+    python examples/sst2_dpzero.py                      # defaults: ~1 min on 2 idle CPU cores (4 min shared), ε = 8
     python examples/sst2_dpzero.py --eps 3 --max-steps 4000 --trainable all --lr 1e-5
     python examples/sst2_dpzero.py --model roberta-base --trainable all --lr 1e-6 --clip 100 --max-steps 10000 \
         --accelerator gpu                                # real weights (internet): where DPZero gets real accuracy
@@ -11,16 +11,17 @@ Data: ``--data-dir`` holds ``glue/SST-2/{train,dev}.tsv`` and ``tokenizers/bert-
 package (internet needed). Without ``--model``, a small RoBERTa-style model is built from a config (random
 weights: no weights are downloaded); ``--model NAME_OR_PATH`` loads any Hugging Face checkpoint.
 
-What to expect. The defaults (random-init model, hidden 128, 1 layer, classification head trained, 1000 steps of
-B = 64 at ε = 8) demonstrate the whole pipeline quickly: Poisson sampling, σ calibrated for ε, two probes and one
-noised scalar per step, the privacy report. They do *not* give a useful classifier: from random weights the dev
-accuracy (macro-averaged, so 0.50 is chance) stays at ~0.50. This is a property of zeroth-order training from
-scratch, not of the settings: DPZero/MeZO rely on a pretrained model whose loss has a low effective dimension. Here
-the features of a random encoder carry little linearly usable signal (a perfectly fitted linear probe on them reaches
-~0.55-0.61 dev), the signal that does exist (the word embeddings: first-order Adam on all weights reaches 0.80 in
-250 steps) lives in millions of parameters, and even exact-gradient SGD, which DPZero approximates, makes no
-progress from this initialization within the budget. Use ``--model`` with a pretrained checkpoint for accuracy
-(DPZero: 92% on SST-2 with RoBERTa-large at ε = 6, with λ = 1e-3, lr = 1e-6, C = 50-400, 10k steps).
+What to expect. The defaults (random-init model, hidden 128, 1 layer, classification head trained, 1000 steps of B =
+64 at ε = 8) demonstrate the whole pipeline quickly: Poisson sampling, σ calibrated for ε, two probes and one noised
+scalar per step, the privacy report. They do *not* give a useful classifier: from random weights the dev accuracy
+(macro-averaged: 0.50 is chance, and exactly 0.50 means one class for every sentence) stays at ~0.50. This is a
+property of zeroth-order training from scratch, not of the settings: DPZero/MeZO rely on a pretrained model whose
+loss has a low effective dimension. Here the features of a random encoder carry little linearly usable signal (a
+perfectly fitted linear probe on them reaches ~0.55-0.61 dev), the signal that does exist (the word embeddings:
+first-order Adam on all weights reaches 0.80 in 250 steps) lives in millions of parameters, and even exact-gradient
+SGD, which DPZero approximates, makes no progress from this initialization within the budget. Use ``--model`` with a
+pretrained checkpoint for accuracy (DPZero: 92% on SST-2 with RoBERTa-large at ε = 6, with λ = 1e-3, lr = 1e-6, C =
+50-400, 10k steps).
 
 Choosing ``--clip``: C bounds each example's finite difference ``s_i = (ℓ⁺ − ℓ⁻)/2λ`` and the noise on the released
 scalar has std σ·C/B, so set C near the typical |s_i| (about 0.7-2 for the default head-only model; hundreds for a

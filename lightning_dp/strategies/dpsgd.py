@@ -54,6 +54,17 @@ class DPSGDStrategy(DPStrategyBase):
     _empty = False
     _verify_next = True
 
+    @property
+    def gradient_noise_std(self) -> float:
+        """Per-entry std of the Gaussian noise in the private gradient the optimizer sees: ``σ·C / (q·N)``.
+
+        Known exactly (it is what :meth:`_release` adds), so post-processing such as RMT denoising can use it.
+        Raises before the privacy parameters are set up (before ``fit`` starts).
+        """
+        if self.noise_multiplier is None or self.expected_batch_size is None:
+            raise RuntimeError("the noise std is known once fit() has set up the privacy parameters")
+        return float(self.noise_multiplier) * float(self.clip) / float(self.expected_batch_size)
+
     # ------------------------------------------------------------------ setup
     def setup_mechanism(self, trainer: Any) -> None:
         if self.mechanism is not None:

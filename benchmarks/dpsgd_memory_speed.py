@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    EXACT_MALLOC_ENV,
     MiB,
     ModelSpec,
     PeakMemory,
@@ -91,9 +92,15 @@ def ours_step(model, batch, device):
             losses = per_example_loss(model, batch)
         finally:
             mech.capturing = False
-        losses.sum().backward()
-        mech.clear_grads()  # drop the non-private sum autograd accumulated
-        flat, _ = mech.private_sum(b, NOISE_MULTIPLIER * CLIP, collective, device)
+        reference = None
+        if t == 0:  # the first step: an ordinary backward whose gradient checks the hooks (as the strategy does)
+            losses.sum().backward()
+            reference = {id(p): p.grad for p in mech.params if p.grad is not None}
+        else:  # later steps: backpropagate only to the hooked outputs (no weight-gradient GEMMs of autograd)
+            mech.backward_to_outputs(losses.sum())
+        mech.clear_grads()
+        flat, _ = mech.private_sum(b, NOISE_MULTIPLIER * CLIP, collective, device, reference_grads=reference)
+        del reference
         mech.write_grads(flat, 1.0 / b)
         opt.step()
 
@@ -171,9 +178,16 @@ def child_main(args) -> None:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     model.train()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+                                                 target_modules=["query", "value"], modules_to_save=["classifier"]))
+        model.train()
     batch = make_batch(args.batch_size, args.seq_len, spec.vocab, device)
     n_params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
         step = STEPS[args.variant](model, batch, device)
         out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps)
@@ -181,7 +195,8 @@ def child_main(args) -> None:
         msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
         emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, "failed": msg})
         return
-    emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, **out})
+    emit_result({"variant": args.variant, "params": n_params, "trainable": n_trainable, "model_bytes": model_bytes,
+                 **out})
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -199,6 +214,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
     p.add_argument("--mem-steps", type=int, default=1, help="extra steps over which the peak memory is taken")
+    p.add_argument("--lora", type=int, default=0,
+                   help="train peft LoRA adapters of this rank on query/value (+ the classifier) instead of all weights")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--json", default=None, help="write all results to this file")
@@ -226,7 +243,7 @@ def main(argv=None) -> None:
         f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
         f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
         f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
-        f"--mem-steps={args.mem_steps}", f"--threads={args.threads}",
+        f"--threads={args.threads}", f"--lora={args.lora}",
     ]
     script = os.path.abspath(__file__)
     load_before = _load()
@@ -234,8 +251,15 @@ def main(argv=None) -> None:
     for r in range(args.rounds):  # round-robin, so a burst of load from elsewhere hits all variants alike
         for v in variants:
             t0 = time.time()
+            # time in one process, memory in another started with EXACT_MALLOC_ENV (RSS follows the live memory;
+            # that allocator setting slows allocation down, so it must not be on while timing)
             try:
-                res = run_child(script, [*forwarded, f"--variant={v}"])
+                res = run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"])
+                if "failed" not in res:
+                    mem = run_child(script, [*forwarded, f"--variant={v}", "--repeats=0",
+                                             f"--mem-steps={args.mem_steps}"],
+                                    env=EXACT_MALLOC_ENV if args.device == "cpu" else None)
+                    res = mem if "failed" in mem else {**res, **{k: mem[k] for k in mem if k != "times"}}
             except Exception as err:  # noqa: BLE001 - the child crashed outright (e.g. killed for memory)
                 res = {"variant": v, "failed": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
             runs[v].append(res)
@@ -261,6 +285,7 @@ def main(argv=None) -> None:
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(
         f"\nRoBERTa-style classifier: {ref['params'] / 1e6:.1f}M params ({ref['model_bytes'] / MiB:.0f} MiB fp32), "
+        f"{ref['trainable'] / 1e6:.2f}M trainable" + (f" (LoRA r={args.lora})" if args.lora else "") + ", "
         f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, ffn {args.intermediate}, vocab {args.vocab}; "
         f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}"
     )

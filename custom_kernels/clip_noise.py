@@ -40,7 +40,7 @@ from torch import Tensor
 from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
 from custom_kernels.zo_perturb import _signed64, mix_seed
 
-__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "per_example_sq_norms"]
+__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "gram", "per_example_sq_norms", "uses_gram"]
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_INDEX = 1 << 63
@@ -75,13 +75,28 @@ def per_example_sq_norms(grads: Tensor) -> Tensor:
     return torch.linalg.vector_norm(flat, ord=2, dim=1, dtype=torch.float32).square()
 
 
-def factor_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+def gram(x: Tensor) -> Tensor:
+    """Per-example Gram matrix ``x_i x_iᵀ`` of ``x`` ``[B, T, d]``, fp32 ``[B, T, T]``."""
+    x = x.float()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def uses_gram(t: int, d: int, p: int) -> bool:
+    """Whether :func:`factor_sq_norms` takes the Gram branch for ``[B, t, d]`` inputs and ``[B, t, p]`` outputs."""
+    return t * t <= p * d
+
+
+def factor_sq_norms(a: Tensor, g: Tensor, *, a_gram: Tensor | None = None, g_gram: Tensor | None = None) -> Tensor:
     """``||g_i^T a_i||_F^2`` per example, as fp32 ``[B]``, for a linear layer's per-example weight gradient.
 
     ``a`` are the layer's inputs ``[B, T, d]`` (or ``[B, d]``), ``g`` the gradients of its outputs ``[B, T, p]`` (or
     ``[B, p]``). 2-D inputs use ``||a_i||^2 ||g_i||^2``. 3-D inputs use the Gram trick
     ``Σ_{s,t} (a_s · a_t)(g_s · g_t)`` when ``T^2 <= p d`` (memory ``O(B T^2)``) and the explicit per-example
     gradient otherwise (memory ``O(B p d)``), whichever is smaller. Math in fp32.
+
+    ``a_gram`` / ``g_gram``: the per-example Gram matrix ``x xᵀ`` (fp32 ``[B, T, T]``) of ``a`` / ``g`` when the
+    caller already has it (layers that share an input, e.g. an attention block's query, key and value
+    projections, need its Gram matrix once); only used on the Gram branch. See :func:`gram`.
     """
     _check_float("a", a)
     _check_float("g", g)
@@ -91,8 +106,8 @@ def factor_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     if a.dim() == 2:
         return a.square().sum(1) * g.square().sum(1)
     t, d, p = a.shape[1], a.shape[2], g.shape[2]
-    if t * t <= p * d:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    if uses_gram(t, d, p):
+        return ((gram(a) if a_gram is None else a_gram) * (gram(g) if g_gram is None else g_gram)).sum((1, 2))
     return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
 
 
@@ -116,19 +131,26 @@ def _reference(
     offset: int,
     accumulate: bool,
 ) -> None:
+    beta = 1.0 if accumulate else 0.0
     if grads is not None:
-        total = coeffs @ grads.float()
+        # out <- beta * out + coeffs @ grads, in one GEMV (no temporary of the sum)
+        torch.addmv(out, grads.float().t(), coeffs, beta=beta, out=out)
     else:
+        # out[p, d] <- beta * out + Σ_{b,t} c_b g[b,t,:]ᵀ a[b,t,:]: scale the smaller factor, then one GEMM over B·T
         a, g = factors
-        total = torch.einsum("b,btp,btd->pd", coeffs, g.float(), a.float()).reshape(-1)
+        d, p = a.shape[-1], g.shape[-1]
+        scale = coeffs.view(-1, *([1] * (a.dim() - 1)))
+        if d <= p:
+            a = a.float() * scale
+            g = g.float()
+        else:
+            a = a.float()
+            g = g.float() * scale
+        torch.addmm(out.view(p, d), g.reshape(-1, p).t(), a.reshape(-1, d), beta=beta, out=out.view(p, d))
     if noise_std:
         gen = torch.Generator(device=out.device)
         gen.manual_seed(mix_seed(seed, offset))
-        total.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=noise_std)
-    if accumulate:
-        out.add_(total)
-    else:
-        out.copy_(total)
+        out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=noise_std)
 
 
 def _triton(

@@ -25,6 +25,17 @@ def mechanism_sum(model, loss_fn, batch, clip, noise_std=0.0, collective=None):
         reference = {id(p): p.grad.clone() for p in mech.params if p.grad is not None}
         mech.clear_grads()
         flat, result = mech.private_sum(batch, noise_std, collective or LocalCollective(), CPU, reference)
+        if noise_std == 0:
+            # later steps backpropagate only to the hooked outputs: the same private sum, and autograd's own
+            # parameter gradients are never computed
+            mech.batch_size = batch
+            mech.capturing = True
+            losses = loss_fn(model)
+            mech.capturing = False
+            mech.backward_to_outputs(losses.sum())
+            assert all(p.grad is None for p in mech.params)
+            again, _ = mech.private_sum(batch, 0.0, collective or LocalCollective(), CPU)
+            torch.testing.assert_close(again, flat, rtol=1e-6, atol=1e-7)
     finally:
         mech.remove_hooks()
     return flat, mech.params, result

@@ -75,6 +75,31 @@ def test_hooks_see_only_the_private_gradient_and_adam_steps_on_it():
     assert strategy.accountant.steps == 1 and strategy.last_step.num_examples == 16
 
 
+class StateRecorder(GradRecorder):
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.append(copy.deepcopy(pl_module.state_dict()))
+
+
+def test_steps_after_the_first_skip_autograd_weight_gradients_and_stay_exact():
+    """From the second step on, backward stops at the hooked outputs; the private gradient is still exact."""
+    torch.manual_seed(0)
+    model = TinyClassifier(lr=0.5)
+    data = linear_data(n=16)
+    rec = StateRecorder()
+    strategy = DPSGDStrategy(noise_multiplier=0.0, clip=1.8, poisson_sampling=False)
+    fit(model, strategy, data=data, batch_size=16, max_steps=3, callbacks=[rec])
+    assert len(rec.states) == len(rec.before_step) == 3
+    for state, seen in zip(rec.states, rec.before_step):
+        at = copy.deepcopy(model)
+        at.load_state_dict(state)
+        expected, _ = reference_update(at, *data.tensors, clip=1.8, expected_batch_size=16)
+        torch.testing.assert_close(seen.double(), expected, rtol=1e-5, atol=1e-8)
+
+
 def test_noisy_gradient_is_what_hooks_see():
     rec = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=2.0, clip=0.5, poisson_sampling=False)

@@ -21,7 +21,10 @@ For such a parameter the per-example gradient of every use is instantiated (``[B
 tied embedding: the memory of ``B`` copies of that parameter) and the uses are added before the norm is taken.
 
 A check on the first step (:meth:`BookKeepingDPSGD._verify`, run by the strategy) compares ``Σ_i ∇_i`` rebuilt
-from the hooks with autograd's gradient and raises if a parameter is used outside its module.
+from the hooks with autograd's gradient and raises if a parameter is used outside its module. Later steps call
+:meth:`BookKeepingDPSGD.backward_to_outputs`, which backpropagates only as far as the hooked outputs: autograd's
+weight-gradient GEMMs, which the clipped sum replaces, are skipped. Layers that share an input (query, key,
+value) compute its Gram matrix once per step.
 
 Assumptions (as in Opacus): every hooked module sees batch-first inputs whose dim 0 is the example index (a
 module whose output has batch dim 1 while the batch has ``B > 1`` examples, e.g. shared ``position_ids``, is
@@ -37,8 +40,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
-from custom_kernels.clip_noise import clip_and_noise_, clip_coefficients, factor_sq_norms
+from custom_kernels.clip_noise import clip_and_noise_, clip_coefficients, factor_sq_norms, gram, uses_gram
 from custom_kernels.zo_perturb import mix_seed
 from lightning_dp.mechanisms.collective import Collective
 
@@ -111,10 +115,11 @@ def _kind(module: nn.Module) -> str:
 
 
 class _Use:
-    __slots__ = ("a", "g")
+    __slots__ = ("a", "edge", "g")
 
     def __init__(self, a: Any) -> None:
         self.a = a
+        self.edge: Any = None  # the output's autograd edge: backward can stop there (no weight-gradient GEMMs)
         self.g: Tensor | None = None
 
 
@@ -200,6 +205,7 @@ class BookKeepingDPSGD:
             output = output.expand(b, *output.shape[1:])
             use.a = tuple(x.expand(b, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1
                           else x for x in a)
+        use.edge = get_gradient_edge(output)
         self._uses[id(module)].append(use)
 
         def store(grad: Tensor) -> None:
@@ -207,6 +213,21 @@ class BookKeepingDPSGD:
 
         output.register_hook(store)
         return output
+
+    def backward_to_outputs(self, total: Tensor) -> None:
+        """Backpropagate ``total`` (``Σ_i ℓ_i``) only as far as the hooked modules' outputs need.
+
+        The output gradients ``g`` are all the book-keeping needs; autograd's own parameter gradients (one GEMM per
+        linear layer, about a third of a training step's compute) are not computed and ``.grad`` is not touched.
+        Use it once :meth:`_verify` has checked, on a step with an ordinary backward, that the hooks account for
+        every trainable parameter's gradient.
+        """
+        edges = [use.edge for uses in self._uses.values() for use in uses if use.edge is not None]
+        if edges and total.requires_grad:
+            torch.autograd.grad(total, edges, allow_unused=True)
+        for uses in self._uses.values():
+            for use in uses:
+                use.edge = None
 
     # ------------------------------------------------------------------ per-example pieces
     def _check(self, name: str, module: nn.Module, use: _Use, batch: int) -> None:
@@ -242,10 +263,8 @@ class BookKeepingDPSGD:
             red = tuple(range(1, x.dim() - len(dims)))
             if p is module.bias:
                 return g.sum(red) if red else g
-            a = x.float()
-            mean = a.mean(dims, keepdim=True)
-            var = a.var(dims, unbiased=False, keepdim=True)
-            gx = g * ((a - mean) * torch.rsqrt(var + module.eps))
+            normed = torch.nn.functional.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
+            gx = g * normed
             return gx.sum(red) if red else gx
         if kind == "hf_rmsnorm":
             a = x.float()
@@ -289,27 +308,35 @@ class BookKeepingDPSGD:
                     for p in mod.parameters(recurse=False):
                         if p.requires_grad:
                             uses_of.setdefault(id(p), []).append((name, mod, kind, use))
+            factored = {}  # singly used parameters whose norms need no per-example gradient
+            for p in self.params:
+                uses = uses_of.get(id(p), [])
+                if len(uses) == 1:
+                    _, mod, kind, use = uses[0]
+                    plan = self._factored(kind, mod, p, use)
+                    if plan is not None:
+                        factored[id(p)] = plan
+            shared = _SharedInputGrams(list(factored.values()))
             for p in self.params:
                 uses = uses_of.get(id(p), [])
                 if not uses:
                     continue
-                if len(uses) == 1:
-                    name, mod, kind, use = uses[0]
-                    plan = self._factored(kind, mod, p, use)
-                    if plan is not None:
-                        plans[id(p)] = plan
-                        if plan[0] == "factors":
-                            sq += factor_sq_norms(plan[1], plan[2])
-                        else:
-                            sq += _embedding_sq_norms(plan[1], plan[2], plan[3])
-                        continue
-                # several uses (tied parameter): the per-example gradient is the sum over uses, instantiated
+                plan = factored.get(id(p))
+                if plan is not None:
+                    plans[id(p)] = plan
+                    if plan[0] == "factors":
+                        sq += factor_sq_norms(plan[1], plan[2], a_gram=shared.get(plan[1]), g_gram=shared.get(plan[2]))
+                    else:
+                        sq += _embedding_sq_norms(plan[1], plan[2], plan[3])
+                    continue
+                # several uses (tied parameter) or a small parameter (bias, norm): per-example gradients, instantiated
                 total = None
                 for name, mod, kind, use in uses:
                     gs = self._dense(kind, mod, use, p)
                     total = gs if total is None else total.add_(gs)
                 plans[id(p)] = ("dense", total.reshape(batch, -1).contiguous())
                 sq += plans[id(p)][1].square().sum(1)
+            del shared, factored
         coeffs = clip_coefficients(sq, self.clip) if batch > 0 else sq
         if reference_grads is not None and batch > 0:
             self._verify(plans, reference_grads, batch, device)
@@ -391,6 +418,36 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         gen = torch.Generator(device=out.device)
         gen.manual_seed(mix_seed(seed, off))
         out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
+
+
+class _SharedInputGrams:
+    """Per-example Gram matrices of the factors that several linear layers share (e.g. the one input of an
+    attention block's query, key and value projections), computed once per step; other factors are not kept."""
+
+    def __init__(self, plans: list[tuple | None]) -> None:
+        counts: dict[tuple, int] = {}
+        for plan in plans:
+            if plan is None or plan[0] != "factors" or plan[1].dim() != 3:
+                continue
+            t, first, second = plan[1].shape[1], plan[1].shape[2], plan[2].shape[2]
+            if not uses_gram(t, first, second):
+                continue
+            for x in plan[1:]:
+                counts[_key(x)] = counts.get(_key(x), 0) + 1
+        self._shared = {k for k, n in counts.items() if n > 1}
+        self._grams: dict[tuple, Tensor] = {}
+
+    def get(self, x: Tensor) -> Tensor | None:
+        key = _key(x)
+        if key not in self._shared:
+            return None
+        if key not in self._grams:
+            self._grams[key] = gram(x)
+        return self._grams[key]
+
+
+def _key(x: Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
 
 
 def _embedding_sq_norms(ids: Tensor, g: Tensor, padding_idx: int | None) -> Tensor:

@@ -41,6 +41,9 @@ class DPSGDStrategy(DPStrategyBase):
     On the first step of a fit, ``Σ_i ∇_i`` rebuilt from the hooks is checked against autograd's gradient of
     ``Σ_i ℓ_i``: a trainable parameter used outside the module that owns it (e.g. ``F.linear(x, emb.weight)``)
     raises an error instead of being clipped wrongly. Modules must take batch-first inputs (dim 0 = example).
+    From the second step on, the backward pass stops at the hooked modules' outputs: autograd's own parameter
+    gradients (one GEMM per linear layer, which book-keeping recomputes clipped) are never computed, and
+    ``LightningModule.backward`` is not called (``on_before_backward`` / ``on_after_backward`` still are).
 
     Args: see :class:`~lightning_dp.strategies.base.DPStrategyBase`.
     """
@@ -122,7 +125,12 @@ class DPSGDStrategy(DPStrategyBase):
                 )
             batch = int(self._losses.shape[0])
             total = self.precision_plugin.pre_backward(self._losses.sum(), module)
-            self.precision_plugin.backward(total, module, optimizer, *args, **kwargs)
+            if self._verify_next:
+                # the first step runs an ordinary backward: its gradient checks the hooks (see `_release`)
+                self.precision_plugin.backward(total, module, optimizer, *args, **kwargs)
+            else:
+                # afterwards, backpropagate only to the hooked outputs: no autograd weight-gradient GEMMs
+                self.mechanism.backward_to_outputs(total)
         self._losses = None
         self._release(batch)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)

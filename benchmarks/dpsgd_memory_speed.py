@@ -10,6 +10,8 @@ Variants (each measured in its own child process, so peaks and allocator state n
 ``ours``          the library's :class:`~lightning_dp.mechanisms.dpsgd.BookKeepingDPSGD` driven as
                   ``DPSGDStrategy`` drives it: forward with capture, ONE backward of ``Σ_i ℓ_i``, ``private_sum``
                   (clipping + Gaussian noise σC, ``LocalCollective``), ``write_grads(1/B)``, ``optimizer.step()``.
+``ours-ghost``    the same with ``clipping="ghost"``: the first backward (to the hooked outputs) streams the norms and
+                  frees each output gradient at once, a second backward of ``Σ_i c_i ℓ_i`` gives the clipped sum.
 ``opacus-hooks``  Opacus ``GradSampleModule`` (hooks mode: per-sample gradients ``[B, *p.shape]``) + ``DPOptimizer``.
 ``opacus-ghost``  Opacus ghost clipping: ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping``
                   + ``DPLossFastGradientClipping`` (what ``PrivacyEngine.make_private(grad_sample_mode="ghost")``
@@ -55,7 +57,7 @@ from _common import (  # noqa: E402
     trainable_params,
 )
 
-VARIANTS = ("non-private", "ours", "opacus-hooks", "opacus-ghost")
+VARIANTS = ("non-private", "ours", "ours-ghost", "opacus-hooks", "opacus-ghost")
 LR = 1e-4
 CLIP = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -73,12 +75,13 @@ def nonprivate_step(model, batch, device):
     return step
 
 
-def ours_step(model, batch, device):
-    """One step as ``DPSGDStrategy.training_step`` + ``backward`` + ``_release`` run it, without Lightning."""
+def ours_step(model, batch, device, mode: str = "bk"):
+    """One step as ``DPSGDStrategy.training_step`` + ``backward`` + ``_release`` run it, without Lightning: the
+    first step is the checked one (ordinary backward), later ones stop backward at the hooked outputs."""
     from lightning_dp.mechanisms.collective import LocalCollective
     from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD
 
-    mech = BookKeepingDPSGD(model, CLIP)
+    mech = BookKeepingDPSGD(model, CLIP, mode=mode)
     opt = torch.optim.SGD(mech.params, lr=LR)
     collective = LocalCollective()
     b = batch["labels"].shape[0]
@@ -92,19 +95,19 @@ def ours_step(model, batch, device):
             losses = per_example_loss(model, batch)
         finally:
             mech.capturing = False
-        reference = None
-        if t == 0:  # the first step: an ordinary backward whose gradient checks the hooks (as the strategy does)
-            losses.sum().backward()
-            reference = {id(p): p.grad for p in mech.params if p.grad is not None}
-        else:  # later steps: backpropagate only to the hooked outputs (no weight-gradient GEMMs of autograd)
-            mech.backward_to_outputs(losses.sum())
-        mech.clear_grads()
+        reference = mech.backward(losses, verify=t == 0)
+        if mode == "bk":
+            mech.clear_grads()
         flat, _ = mech.private_sum(b, NOISE_MULTIPLIER * CLIP, collective, device, reference_grads=reference)
         del reference
         mech.write_grads(flat, 1.0 / b)
         opt.step()
 
     return step
+
+
+def ours_ghost_step(model, batch, device):
+    return ours_step(model, batch, device, mode="ghost")
 
 
 def opacus_hooks_step(model, batch, device):
@@ -146,19 +149,21 @@ def opacus_ghost_step(model, batch, device):
     return step
 
 
-STEPS = {"non-private": nonprivate_step, "ours": ours_step, "opacus-hooks": opacus_hooks_step,
+STEPS = {"non-private": nonprivate_step, "ours": ours_step, "ours-ghost": ours_ghost_step,
+         "opacus-hooks": opacus_hooks_step,
          "opacus-ghost": opacus_ghost_step}
 
 
 # ---------------------------------------------------------------------------------------------- child: one variant
-def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int) -> dict:
+def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock: str = "wall") -> dict:
     for t in range(warmup):
         step(t)
     times = []
     for t in range(warmup, warmup + repeats):
-        start = now(device)
+        tick = time.process_time if clock == "cpu" else (lambda: now(device))
+        start = tick()
         step(t)
-        times.append(now(device) - start)
+        times.append(tick() - start)
     # memory on separate steps: the allocator trim before them must not slow the timed steps down
     probe = PeakMemory(device)
     probe.start()
@@ -190,7 +195,7 @@ def child_main(args) -> None:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
         step = STEPS[args.variant](model, batch, device)
-        out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps)
+        out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps, args.clock)
     except Exception as err:  # noqa: BLE001 - reported as a failed row
         msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
         emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, "failed": msg})
@@ -216,6 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--mem-steps", type=int, default=1, help="extra steps over which the peak memory is taken")
     p.add_argument("--lora", type=int, default=0,
                    help="train peft LoRA adapters of this rank on query/value (+ the classifier) instead of all weights")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: the process's CPU time (CPU device only; with --threads 1 it is "
+                        "the work done, robust to other processes competing for the cores)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--json", default=None, help="write all results to this file")
@@ -235,6 +243,8 @@ def main(argv=None) -> None:
     if args.variant:
         child_main(args)
         return
+    if args.clock == "cpu" and args.device != "cpu":
+        raise SystemExit("--clock cpu measures CPU time: use it with --device cpu")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown or "non-private" not in variants:
@@ -243,7 +253,7 @@ def main(argv=None) -> None:
         f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
         f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
         f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
-        f"--threads={args.threads}", f"--lora={args.lora}",
+        f"--threads={args.threads}", f"--lora={args.lora}", f"--clock={args.clock}",
     ]
     script = os.path.abspath(__file__)
     load_before = _load()
@@ -290,7 +300,8 @@ def main(argv=None) -> None:
         f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}"
     )
     print(
-        f"time: {args.rounds} round(s) x {args.repeats} steps after {args.warmup} warmup, ratios on the median step; "
+        f"time ({'process CPU time' if args.clock == 'cpu' else 'wall clock'}): {args.rounds} round(s) x "
+        f"{args.repeats} steps after {args.warmup} warmup, ratios on the median step; "
         f"memory: peak growth over the resident model + batch ({ref['memory_method']})"
     )
     busy = args.device == "cpu" and load_before > 0.5

@@ -13,29 +13,34 @@ from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD, UnsupportedLayerErro
 CPU = torch.device("cpu")
 
 
-def mechanism_sum(model, loss_fn, batch, clip, noise_std=0.0, collective=None):
-    mech = BookKeepingDPSGD(model, clip)
+def mechanism_sum(model, loss_fn, batch, clip, noise_std=0.0, collective=None, mode="bk"):
+    """One private sum as the strategy computes it: a checked first step (ordinary backward), then, with σ = 0, a
+    second step that stops backward at the hooked outputs (must give the same sum, without autograd's own
+    parameter gradients in bk mode)."""
+    mech = BookKeepingDPSGD(model, clip, mode=mode)
     try:
         mech.batch_size = batch
         mech.capturing = True
         losses = loss_fn(model)
         mech.capturing = False
         assert losses.shape == (batch,)
-        losses.sum().backward()
-        reference = {id(p): p.grad.clone() for p in mech.params if p.grad is not None}
-        mech.clear_grads()
+        reference = mech.backward(losses, verify=True)
+        assert (reference is not None) == (mode == "bk")
+        if mode == "bk":
+            reference = {k: v.clone() for k, v in reference.items()}
+            mech.clear_grads()
         flat, result = mech.private_sum(batch, noise_std, collective or LocalCollective(), CPU, reference)
         if noise_std == 0:
-            # later steps backpropagate only to the hooked outputs: the same private sum, and autograd's own
-            # parameter gradients are never computed
             mech.batch_size = batch
             mech.capturing = True
             losses = loss_fn(model)
             mech.capturing = False
-            mech.backward_to_outputs(losses.sum())
-            assert all(p.grad is None for p in mech.params)
+            assert mech.backward(losses, verify=False) is None
+            if mode == "bk":
+                assert all(p.grad is None for p in mech.params)
             again, _ = mech.private_sum(batch, 0.0, collective or LocalCollective(), CPU)
             torch.testing.assert_close(again, flat, rtol=1e-6, atol=1e-7)
+            assert all(p.grad is None for p in mech.params)
     finally:
         mech.remove_hooks()
     return flat, mech.params, result
@@ -60,11 +65,12 @@ def check_against_reference(model, loss_fn, batch, rtol=1e-5):
     c = (clip / (norms + 1e-6)).clamp(max=1.0)
     assert (c < 1).any() and (c == 1).any()
     expected = (c[:, None] * per_ex).sum(0)
-    flat, mech_params, result = mechanism_sum(model, loss_fn, batch, clip)
-    assert [id(p) for p in mech_params] == [id(p) for p in params]
-    torch.testing.assert_close(result.sq_norms.double(), norms.square(), rtol=rtol * 10, atol=1e-9)
-    err = (flat.double() - expected).norm() / expected.norm()
-    assert err < rtol, float(err)
+    for mode in ("bk", "ghost"):
+        flat, mech_params, result = mechanism_sum(model, loss_fn, batch, clip, mode=mode)
+        assert [id(p) for p in mech_params] == [id(p) for p in params]
+        torch.testing.assert_close(result.sq_norms.double(), norms.square(), rtol=rtol * 10, atol=1e-9)
+        err = (flat.double() - expected).norm() / expected.norm()
+        assert err < rtol, (mode, float(err))
     return result
 
 
@@ -234,21 +240,22 @@ class FakeRank(Collective):
         return tensor
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
 @pytest.mark.parametrize("empty", [True, False])
-def test_noise_std_is_sigma_c(empty):
+def test_noise_std_is_sigma_c(empty, mode):
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(60, 50), nn.Tanh(), nn.Linear(50, 40))
     x = torch.randn(4, 60)
     loss = lambda m: m(x).pow(2).mean(1)  # noqa: E731
-    clean, _, _ = mechanism_sum(model, loss, 4, clip=0.5)
+    clean, _, _ = mechanism_sum(model, loss, 4, clip=0.5, mode=mode)
     std = 0.7 * 0.5
     if empty:
-        mech = BookKeepingDPSGD(model, 0.5)
+        mech = BookKeepingDPSGD(model, 0.5, mode=mode)
         noisy, _ = mech.private_sum(0, std, LocalCollective(), CPU)
         mech.remove_hooks()
         noise = noisy
     else:
-        noisy, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=std)
+        noisy, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=std, mode=mode)
         noise = noisy - clean
     n = noise.numel()  # 5090 coordinates: the std estimate is within ~1%
     assert n > 5000
@@ -257,20 +264,21 @@ def test_noise_std_is_sigma_c(empty):
     assert 0.95 * std < est < 1.05 * std, est  # 2x or 0.5x fails
 
 
-def test_noise_added_on_rank_zero_only():
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_noise_added_on_rank_zero_only(mode):
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(6, 5))
     x = torch.randn(4, 6)
     loss = lambda m: m(x).pow(2).mean(1)  # noqa: E731
-    clean, _, _ = mechanism_sum(model, loss, 4, clip=0.5)
-    r1, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, collective=FakeRank(1))
-    r0, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, collective=FakeRank(0))
+    clean, _, _ = mechanism_sum(model, loss, 4, clip=0.5, mode=mode)
+    r1, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, collective=FakeRank(1), mode=mode)
+    r0, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, collective=FakeRank(0), mode=mode)
     torch.testing.assert_close(r1, clean)
     assert (r0 - clean).abs().max() > 0.1
     # noise seeds come from OS entropy: the global RNG is untouched and two draws differ
     state = torch.get_rng_state()
-    a, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0)
-    b, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0)
+    a, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, mode=mode)
+    b, _, _ = mechanism_sum(model, loss, 4, clip=0.5, noise_std=1.0, mode=mode)
     assert torch.equal(state, torch.get_rng_state())
     assert not torch.equal(a, b)
 

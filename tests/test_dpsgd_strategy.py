@@ -84,13 +84,15 @@ class StateRecorder(GradRecorder):
         self.states.append(copy.deepcopy(pl_module.state_dict()))
 
 
-def test_steps_after_the_first_skip_autograd_weight_gradients_and_stay_exact():
-    """From the second step on, backward stops at the hooked outputs; the private gradient is still exact."""
+@pytest.mark.parametrize("clipping", ["bk", "ghost"])
+def test_steps_after_the_first_skip_autograd_weight_gradients_and_stay_exact(clipping):
+    """From the second step on, backward stops at the hooked outputs (bk: no autograd weight gradients; ghost: a
+    first backward for the norms, a second for Σ c_i ℓ_i); the private gradient is exact at every step."""
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.5)
     data = linear_data(n=16)
     rec = StateRecorder()
-    strategy = DPSGDStrategy(noise_multiplier=0.0, clip=1.8, poisson_sampling=False)
+    strategy = DPSGDStrategy(noise_multiplier=0.0, clip=1.8, poisson_sampling=False, clipping=clipping)
     fit(model, strategy, data=data, batch_size=16, max_steps=3, callbacks=[rec])
     assert len(rec.states) == len(rec.before_step) == 3
     for state, seen in zip(rec.states, rec.before_step):
@@ -246,14 +248,22 @@ def test_refuses_manual_optimization():
         fit(Manual(), DPSGDStrategy(noise_multiplier=1.0))
 
 
-def test_functional_use_of_a_parameter_is_detected():
+@pytest.mark.parametrize("clipping", ["bk", "ghost"])
+def test_functional_use_of_a_parameter_is_detected(clipping):
     class Functional(TinyClassifier):
         def forward(self, x):
             h = self.net[1](self.net[0](x))
             return F.linear(h, self.net[3].weight) + self.net[3](h)  # second use bypasses the module's hooks
 
     with pytest.raises(RuntimeError, match=r"'net.3.weight'.*used outside the module"):
-        fit(Functional(), DPSGDStrategy(noise_multiplier=1.0), max_steps=2)
+        fit(Functional(), DPSGDStrategy(noise_multiplier=1.0, clipping=clipping), max_steps=2)
+
+
+def test_clipping_argument():
+    assert DPSGDStrategy(noise_multiplier=1.0).clipping_mode == "bk"
+    assert DPSGDStrategy(noise_multiplier=1.0, clipping="ghost").clipping_mode == "ghost"
+    with pytest.raises(ValueError, match="clipping"):
+        DPSGDStrategy(noise_multiplier=1.0, clipping="fast")
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):

@@ -46,9 +46,10 @@ from custom_kernels.clip_noise import clip_and_noise_, clip_coefficients, factor
 from custom_kernels.zo_perturb import mix_seed
 from lightning_dp.mechanisms.collective import Collective
 
-__all__ = ["BookKeepingDPSGD", "DPSGDStepResult", "UnsupportedLayerError"]
+__all__ = ["CLIPPING_MODES", "BookKeepingDPSGD", "DPSGDStepResult", "UnsupportedLayerError"]
 
 _BATCH_MIXING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+CLIPPING_MODES = ("bk", "ghost")
 
 
 class UnsupportedLayerError(TypeError):
@@ -132,7 +133,10 @@ class BookKeepingDPSGD:
         verify_rtol: relative tolerance of the check in :meth:`_verify` (loose enough for bf16 autocast).
     """
 
-    def __init__(self, module: nn.Module, clip: float, verify_rtol: float = 1e-2) -> None:
+    def __init__(self, module: nn.Module, clip: float, verify_rtol: float = 1e-2, mode: str = "bk") -> None:
+        if mode not in CLIPPING_MODES:
+            raise ValueError(f"mode must be one of {CLIPPING_MODES}, got {mode!r}")
+        self.mode = mode
         self.clip = float(clip)
         self.verify_rtol = float(verify_rtol)
         self.params: list[nn.Parameter] = []
@@ -179,6 +183,9 @@ class BookKeepingDPSGD:
         self.capturing = False
         self.batch_size: int | None = None
         self._opacus_cache: dict[int, dict[Any, Tensor]] = {}
+        self._info = {id(m): (name, kind) for name, m, kind in self._modules}
+        self._ghost: _GhostStep | None = None  # ghost mode: the norms streamed during the first backward
+        self._ghost_result: tuple[Tensor | None, Tensor | None] = (None, None)  # ghost mode: (c, ||∇_i||²)
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in self._modules]
 
     # ------------------------------------------------------------------ hooks
@@ -191,6 +198,7 @@ class BookKeepingDPSGD:
         for uses in self._uses.values():
             uses.clear()
         self._opacus_cache.clear()
+        self._ghost = None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
         if not (self.capturing and torch.is_grad_enabled()):
@@ -209,12 +217,50 @@ class BookKeepingDPSGD:
         self._uses[id(module)].append(use)
 
         def store(grad: Tensor) -> None:
-            use.g = grad.detach() if use.g is None else use.g + grad.detach()
+            if self._ghost is not None:
+                self._ghost.on_output_grad(module, use, grad.detach())
+            elif self.mode == "bk":
+                use.g = grad.detach() if use.g is None else use.g + grad.detach()
 
         output.register_hook(store)
         return output
 
-    def backward_to_outputs(self, total: Tensor) -> None:
+    def backward(self, losses: Tensor, verify: bool) -> dict[int, Tensor] | None:
+        """Backward pass(es) of one step for per-example ``losses`` ``[B]`` (the forward ran with ``capturing``).
+
+        ``bk``: one backward of ``Σ_i ℓ_i`` that stores the output gradients (with ``verify``: an ordinary backward
+        whose ``.grad`` is returned as the reference for :meth:`private_sum`'s check; otherwise
+        :meth:`backward_to_outputs`). ``ghost``: a first backward (to the hooked outputs; with ``verify`` an
+        ordinary one, checked here) streams every per-example norm and frees each output gradient at once, then a
+        second backward of ``Σ_i c_i ℓ_i`` leaves the clipped sum in ``.grad`` for :meth:`private_sum`.
+        """
+        total = losses.sum()
+        if self.mode == "bk":
+            if not verify:
+                self.backward_to_outputs(total)
+                return None
+            total.backward()
+            return {id(p): p.grad for p in self.params if p.grad is not None}
+        batch = int(losses.shape[0])
+        ghost = self._ghost = _GhostStep(self, batch, losses.device, verify)
+        try:
+            if verify:
+                total.backward(retain_graph=True)
+            else:
+                self.backward_to_outputs(total, retain_graph=True)
+            sq = ghost.finish()
+            if verify:
+                ghost.verify({id(p): p.grad for p in self.params if p.grad is not None})
+        finally:
+            self._ghost = None
+        coeffs = clip_coefficients(sq, self.clip)
+        self.clear_grads()
+        self.reset()
+        (losses * coeffs.to(losses.dtype)).sum().backward()  # hooks are idle: .grad <- Σ_i c_i ∇_i
+        self._ghost_result = (coeffs, sq)
+        return None
+
+    def backward_to_outputs(self, total: Tensor, retain_graph: bool = False) -> None:
         """Backpropagate ``total`` (``Σ_i ℓ_i``) only as far as the hooked modules' outputs need.
 
         The output gradients ``g`` are all the book-keeping needs; autograd's own parameter gradients (one GEMM per
@@ -224,7 +270,9 @@ class BookKeepingDPSGD:
         """
         edges = [use.edge for uses in self._uses.values() for use in uses if use.edge is not None]
         if edges and total.requires_grad:
-            torch.autograd.grad(total, edges, allow_unused=True)
+            # `backward` (not `grad`) with edges as inputs: it accumulates nowhere and captures nothing, so each
+            # output gradient lives only as long as a hook keeps it (ghost mode keeps none)
+            torch.autograd.backward(total, inputs=edges, retain_graph=retain_graph)
         for uses in self._uses.values():
             for use in uses:
                 use.edge = None
@@ -295,6 +343,8 @@ class BookKeepingDPSGD:
         flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
         seed = secrets.randbits(63) if noise_std > 0 and collective.rank == 0 else None
         std = noise_std if seed is not None else 0.0
+        if self.mode == "ghost":
+            return self._ghost_private_sum(flat, batch, noise_std, std, seed, collective, device)
         sq = torch.zeros(batch, dtype=torch.float32, device=device)
         # plans[id(p)]: ("factors", a, g) | ("dense", G) | ("embedding", ids, g, padding_idx)
         plans: dict[int, tuple] = {}
@@ -347,6 +397,22 @@ class BookKeepingDPSGD:
         self.reset()
         return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq)
 
+    def _ghost_private_sum(self, flat: Tensor, batch: int, noise_std: float, std: float, seed: int | None,
+                           collective: Collective, device: torch.device) -> tuple[Tensor, DPSGDStepResult]:
+        """Ghost mode: ``.grad`` holds ``Σ_i c_i ∇_i`` from :meth:`backward`; copy it into ``flat`` and add noise."""
+        coeffs, sq = self._ghost_result if batch > 0 else (None, torch.zeros(0, device=device))
+        self._ghost_result = (None, None)
+        for p, off, n in zip(self.params, self._offsets, self._sizes):
+            out = flat[off:off + n]
+            if batch > 0 and p.grad is not None:
+                out.copy_(p.grad.reshape(-1))
+            _write(out, p, None, None, std, seed, off)
+        self.clear_grads()
+        collective.all_reduce_sum(flat)
+        clipped = float((coeffs < 1).float().mean().item()) if batch > 0 else 0.0
+        self.reset()
+        return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq)
+
     def _verify(self, plans: dict[int, tuple], reference: dict[int, Tensor], batch: int, device: torch.device) -> None:
         """Σ_i ∇_i rebuilt from the hooks must equal autograd's gradient of Σ_i ℓ_i (catches parameters used
         outside the modules that own them, e.g. ``F.linear(x, emb.weight)``, whose per-example gradients would be
@@ -364,12 +430,7 @@ class BookKeepingDPSGD:
             _write(mine, p, plans.get(id(p)), ones, 0.0, None, 0)
             scale = float(ref.norm()) + float(mine.norm())
             if float((mine - ref).norm()) > self.verify_rtol * scale + floor:
-                raise RuntimeError(
-                    f"DP-SGD: the per-example gradients of parameter {names.get(id(p), tuple(p.shape))!r} do not add "
-                    "up to its gradient: it is used outside the module that owns it (e.g. a functional call on "
-                    "`module.weight`, or a module whose input is not batch-first). Per-example clipping would be "
-                    "wrong for it; call the owning module instead, or freeze the parameter."
-                )
+                raise _not_adding_up(names.get(id(p), tuple(p.shape)))
 
     def _factored(self, kind: str, module: nn.Module, p: nn.Parameter, use: _Use) -> tuple | None:
         """The norm-without-instantiation plan of a singly used weight, or None (instantiate)."""
@@ -418,6 +479,127 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         gen = torch.Generator(device=out.device)
         gen.manual_seed(mix_seed(seed, off))
         out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
+
+
+def _not_adding_up(name: Any) -> RuntimeError:
+    return RuntimeError(
+        f"DP-SGD: the per-example gradients of parameter {name!r} do not add up to its gradient: it is used outside "
+        "the module that owns it (e.g. a functional call on `module.weight`, or a module whose input is not "
+        "batch-first). Per-example clipping would be wrong for it; call the owning module instead, or freeze the "
+        "parameter."
+    )
+
+
+class _GhostStep:
+    """Ghost mode, one step: per-example squared norms streamed from the output gradients as backward produces
+    them; each output gradient (and the stored input) is dropped right after, so they never pile up.
+
+    Parameters used once take the norm-without-instantiation path (Gram / explicit for linear layers, token Gram
+    for embeddings) or, for small ones (biases, norms), an instantiated ``[B, *shape]`` gradient; parameters with
+    several uses (tied) accumulate instantiated per-example gradients, normed in :meth:`finish`. With ``verify``,
+    ``Σ_i ∇_i`` is also rebuilt per parameter (parameter-sized buffers) and checked against autograd's ``.grad``.
+    """
+
+    def __init__(self, mech: BookKeepingDPSGD, batch: int, device: torch.device, verify: bool) -> None:
+        self.mech = mech
+        self.batch = batch
+        self.sq = torch.zeros(batch, dtype=torch.float32, device=device)
+        self.device = device
+        # parameters with several uses this step (a module called twice, or one parameter in several modules)
+        count: dict[int, int] = {}
+        for _, mod, _ in mech._modules:
+            n = len(mech._uses[id(mod)])
+            for p in mod.parameters(recurse=False):
+                if p.requires_grad:
+                    count[id(p)] = count.get(id(p), 0) + n
+        self.multi = {k for k, n in count.items() if n > 1}
+        self.dense: dict[int, Tensor] = {}
+        self.sums: dict[int, Tensor] | None = {} if verify else None
+        # inputs shared by several singly used linear layers (q, k, v): their Gram matrix is computed once
+        self.shared_left: dict[tuple, int] = {}
+        for _, mod, kind in mech._modules:
+            if kind in ("linear", "conv1d") and mod.weight.requires_grad and id(mod.weight) not in self.multi:
+                for use in mech._uses[id(mod)]:
+                    x = use.a[0] if use.a else None
+                    if isinstance(x, Tensor) and x.dim() >= 3:
+                        key = _key(x)
+                        self.shared_left[key] = self.shared_left.get(key, 0) + 1
+        self.grams: dict[tuple, Tensor] = {}
+
+    def _input_gram(self, x: Tensor) -> Tensor | None:
+        key = _key(x)
+        if self.shared_left.get(key, 0) < 2 and key not in self.grams:
+            return None
+        if key not in self.grams:
+            self.grams[key] = gram(x.reshape(x.shape[0], -1, x.shape[-1]))
+        return self.grams[key]
+
+    def _release_input(self, x: Tensor) -> None:
+        key = _key(x)
+        if key in self.shared_left:
+            self.shared_left[key] -= 1
+            if self.shared_left[key] <= 0:
+                self.grams.pop(key, None)
+
+    def on_output_grad(self, module: nn.Module, use: _Use, g: Tensor) -> None:
+        mech = self.mech
+        name, kind = mech._info[id(module)]
+        if use.g is not None:
+            raise RuntimeError(f"DP-SGD ghost clipping: the output of {name or '<root>'} received two gradients")
+        use.g = g
+        mech._check(name, module, use, self.batch)
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if id(p) in self.multi:
+                gs = mech._dense(kind, module, use, p)
+                self.dense[id(p)] = gs if id(p) not in self.dense else self.dense[id(p)].add_(gs)
+                continue
+            plan = mech._factored(kind, module, p, use)
+            if plan is None:
+                plan = ("dense", mech._dense(kind, module, use, p).reshape(self.batch, -1).contiguous())
+                self.sq += plan[1].square().sum(1)
+            elif plan[0] == "factors":
+                shared = self._input_gram(use.a[0])
+                first_is_input = kind == "linear"
+                self.sq += factor_sq_norms(plan[1], plan[2], a_gram=shared if first_is_input else None,
+                                           g_gram=None if first_is_input else shared)
+            else:
+                self.sq += _embedding_sq_norms(plan[1], plan[2], plan[3])
+            if self.sums is not None:
+                self.sums[id(p)] = torch.zeros(p.numel(), dtype=torch.float32, device=self.device)
+                _write(self.sums[id(p)], p, plan, torch.ones(self.batch, device=self.device), 0.0, None, 0)
+        if kind in ("linear", "conv1d") and use.a and isinstance(use.a[0], Tensor):
+            self._release_input(use.a[0])
+        mech._opacus_cache.pop(id(use), None)
+        use.a, use.g, use.edge = (), None, None
+
+    def finish(self) -> Tensor:
+        """The per-example squared norms over all parameters (after the first backward)."""
+        for key, total in self.dense.items():
+            flat = total.reshape(self.batch, -1)
+            self.sq += flat.square().sum(1)
+            if self.sums is not None:
+                self.sums[key] = flat.sum(0)
+        self.dense.clear()
+        self.grams.clear()
+        return self.sq
+
+    def verify(self, reference: dict[int, Tensor]) -> None:
+        """``Σ_i ∇_i`` rebuilt from the hooks must equal autograd's gradient (see ``BookKeepingDPSGD._verify``)."""
+        assert self.sums is not None
+        refs = [g.detach().float().norm() for g in reference.values()]
+        floor = 1e-5 * float(torch.stack(refs).norm()) if refs else 0.0
+        names = {id(p): n for n, p in self.mech._named}
+        for p in self.mech.params:
+            ref = reference.get(id(p))
+            if ref is None:
+                continue
+            ref = ref.detach().float().reshape(-1)
+            mine = self.sums.get(id(p), torch.zeros_like(ref))
+            if float((mine - ref).norm()) > self.mech.verify_rtol * (float(ref.norm()) + float(mine.norm())) + floor:
+                raise _not_adding_up(names.get(id(p), tuple(p.shape)))
+        self.sums = None
 
 
 class _SharedInputGrams:

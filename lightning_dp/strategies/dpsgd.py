@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD, DPSGDStepResult, UnsupportedLayerError
+from lightning_dp.mechanisms.dpsgd import CLIPPING_MODES, BookKeepingDPSGD, DPSGDStepResult, UnsupportedLayerError
 from lightning_dp.mechanisms.per_sample import per_sample_loss
 from lightning_dp.privacy.sampling import is_empty_batch
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
@@ -20,7 +20,8 @@ __all__ = ["DPSGDStrategy", "UnsupportedLayerError"]
 class DPSGDStrategy(DPStrategyBase):
     """DP-SGD (Abadi et al. 2016) with flat per-example clipping computed by book-keeping (Bu et al. 2023) and
     ghost norms (Li et al. 2022): one forward, ONE backward of ``Σ_i ℓ_i``, no per-example gradient for linear and
-    embedding layers, no second backward.
+    embedding layers, no second backward (``clipping="bk"``, the default); or ghost clipping with a second backward
+    and the memory of non-private training (``clipping="ghost"``).
 
     Use it with any LightningModule whose ``training_step`` returns per-example losses (a Tensor ``[B]`` or a dict
     with ``"per_sample_loss"``), with your own optimizer (SGD, Adam, AdamW, ...) and LR schedulers: they step on the
@@ -45,17 +46,35 @@ class DPSGDStrategy(DPStrategyBase):
     gradients (one GEMM per linear layer, which book-keeping recomputes clipped) are never computed, and
     ``LightningModule.backward`` is not called (``on_before_backward`` / ``on_after_backward`` still are).
 
-    Args: see :class:`~lightning_dp.strategies.base.DPStrategyBase`.
+    Args: see :class:`~lightning_dp.strategies.base.DPStrategyBase`, plus
+
+    ``clipping``: ``"bk"`` (book-keeping: one backward; the output gradients of every hooked layer are held until
+    the clipped sum is formed, about one more set of activations of memory; the fastest), ``"ghost"`` (the first
+    backward streams the norms and frees each output gradient at once, a second backward of ``Σ_i c_i ℓ_i`` gives
+    the clipped sum: the memory of non-private training, one more backward of time) or ``"auto"`` (``"bk"``).
+    Both give the same private gradient.
     """
 
     mechanism_name = "dpsgd"
 
-    # the constructor is DPStrategyBase's (same privacy arguments); per-fit state:
+    def __init__(self, *args: Any, clipping: str = "auto", **kwargs: Any) -> None:
+        if clipping not in ("auto", *CLIPPING_MODES):
+            raise ValueError(f"`clipping` must be 'auto', 'bk' or 'ghost', got {clipping!r}")
+        super().__init__(*args, **kwargs)
+        self.clipping = clipping
+
+    @property
+    def clipping_mode(self) -> str:
+        """The clipping algorithm in use: ``"bk"`` for ``clipping="auto"``."""
+        return "bk" if self.clipping == "auto" else self.clipping
+
+    # per-fit state:
     mechanism: BookKeepingDPSGD | None = None
     last_step: DPSGDStepResult | None = None
     _losses: Tensor | None = None
     _empty = False
     _verify_next = True
+    _reference: dict | None = None
 
     @property
     def gradient_noise_std(self) -> float:
@@ -72,7 +91,7 @@ class DPSGDStrategy(DPStrategyBase):
     def setup_mechanism(self, trainer: Any) -> None:
         if self.mechanism is not None:
             self.mechanism.remove_hooks()
-        self.mechanism = BookKeepingDPSGD(self.lightning_module, self.clip)
+        self.mechanism = BookKeepingDPSGD(self.lightning_module, self.clip, mode=self.clipping_mode)
         self._verify_next = True
         privatized = {id(p) for p in self.mechanism.params}
         for optimizer in self.optimizers:
@@ -86,6 +105,9 @@ class DPSGDStrategy(DPStrategyBase):
             self.mechanism.remove_hooks()
             self.mechanism = None
         super().teardown()
+
+    def privacy_report(self) -> dict[str, Any]:
+        return {**super().privacy_report(), "clipping": self.clipping_mode}
 
     # ------------------------------------------------------------------ the step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -124,13 +146,10 @@ class DPSGDStrategy(DPStrategyBase):
                     "(manual `backward` calls are not supported)"
                 )
             batch = int(self._losses.shape[0])
-            total = self.precision_plugin.pre_backward(self._losses.sum(), module)
-            if self._verify_next:
-                # the first step runs an ordinary backward: its gradient checks the hooks (see `_release`)
-                self.precision_plugin.backward(total, module, optimizer, *args, **kwargs)
-            else:
-                # afterwards, backpropagate only to the hooked outputs: no autograd weight-gradient GEMMs
-                self.mechanism.backward_to_outputs(total)
+            self.precision_plugin.pre_backward(self._losses.sum(), module)  # on_before_backward hooks
+            # the first step runs an ordinary backward whose gradient checks the hooks; later ones stop at the hooked
+            # outputs (no autograd weight-gradient GEMMs); ghost mode adds the backward of Σ_i c_i ℓ_i
+            self._reference = self.mechanism.backward(self._losses, verify=self._verify_next)
         self._losses = None
         self._release(batch)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -140,12 +159,11 @@ class DPSGDStrategy(DPStrategyBase):
     def _release(self, batch: int) -> None:
         assert self.mechanism is not None and self._collective is not None
         assert self.noise_multiplier is not None and self.expected_batch_size is not None
-        reference = None
-        if self._verify_next and batch > 0:
-            # first non-empty step of the fit: check that the hooks account for autograd's whole gradient
-            reference = {id(p): p.grad for p in self.mechanism.params if p.grad is not None}
-            self._verify_next = False
-        self.mechanism.clear_grads()  # drop the non-private sum autograd accumulated
+        reference, self._reference = self._reference, None
+        if batch > 0:
+            self._verify_next = False  # the first non-empty step of the fit was checked
+        if self.mechanism.mode == "bk":
+            self.mechanism.clear_grads()  # drop the non-private sum autograd accumulated on the checked step
         flat, result = self.mechanism.private_sum(
             batch, self.noise_multiplier * self.clip, self._collective, self.root_device, reference_grads=reference
         )

@@ -26,7 +26,7 @@ peak growth over the memory held when only the model, the batch and the librarie
 ``benchmarks/_common.py``): on CUDA ``max_memory_allocated`` minus the resident allocation, on CPU the kernel's RSS
 high-water mark minus the RSS after ``malloc_trim``. Ratios are against ``non-private``.
 
-Target of the issue: DP-SGD step time <= 1.15x and peak memory <= 1.10x of the non-private step.
+Target: DP-SGD step time <= 1.15x and peak memory <= 1.10x of the non-private step.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ Memory: each variant in its own fresh child process, started with ``EXACT_MALLOC
 ``benchmarks/_common.py``). On CUDA ``max_memory_allocated`` minus what is allocated before the steps, on CPU the
 kernel's RSS high-water mark minus the RSS. Ratios are against ``inference``.
 
-Target of the issue: DPZero step time <= 2.2x inference and peak memory <= 1.05x inference.
+Target: DPZero step time <= 2.2x inference and peak memory <= 1.05x inference.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Opacus (accounting), transformers, peft and triton are imported only when used.
 """
 
-from lightning_dp.callbacks import PrivacyBudget
+from lightning_dp.callbacks import CanaryAudit, PrivacyBudget
 from lightning_dp.mechanisms.per_sample import PerSampleLossError
 from lightning_dp.privacy.sampling import EmptyBatch
 from lightning_dp.strategies import DPSGDStrategy, DPZeroStrategy, UnsafeSettingError
@@ -13,6 +13,7 @@ from lightning_dp.strategies import DPSGDStrategy, DPZeroStrategy, UnsafeSetting
 __version__ = "0.1.0"
 
 __all__ = [
+    "CanaryAudit",
     "DPSGDStrategy",
     "DPZeroStrategy",
     "EmptyBatch",

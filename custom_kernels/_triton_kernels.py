@@ -81,49 +81,57 @@ def _store_f32(ptrs, x, mask, KIND: tl.constexpr):
 
 @triton.jit
 def _perturb_tile(
-    ptr, start, numel, base, seed, scale, seed2, scale2, decay,
+    ptr, idx_ptr, start, numel, base, seed, scale, seed2, scale2, decay,
     KIND: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_Z2: tl.constexpr, ALIGNED4: tl.constexpr,
-    TILE: tl.constexpr, MASKED: tl.constexpr,
+    TILE: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr,
 ):  # fmt: skip
     idx = start + 4 * tl.arange(0, TILE // 4)[:, None] + tl.arange(0, 4)[None, :]  # [TILE // 4, 4]
     if MASKED:
         mask = idx < numel
     else:
         mask = None
-    x = _load_f32(ptr + idx, mask, KIND)
+    if INDEXED:  # compact coordinate list: position j of the list updates element idx_ptr[j] of the tensor
+        pos = tl.load(idx_ptr + idx, mask=mask).to(tl.int64)
+    else:
+        pos = idx
+    x = _load_f32(ptr + pos, mask, KIND)
     if HAS_DECAY:
         x = x * decay
     x = x + scale * _normal_block(seed, base + start, TILE, ALIGNED4)
     if HAS_Z2:
         x = x + scale2 * _normal_block(seed2, base + start, TILE, ALIGNED4)
-    _store_f32(ptr + idx, x, mask, KIND)
+    _store_f32(ptr + pos, x, mask, KIND)
 
 
 @triton.jit(do_not_specialize=["seed", "seed2"])
 def perturb_kernel(
     meta_i, meta_f, n_tensors, seed, seed2,
     KIND: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_Z2: tl.constexpr, ALIGNED16: tl.constexpr,
-    ALIGNED4: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    ALIGNED4: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr, INDEXED: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):  # fmt: skip
-    """One program per TILE-element tile of a group of tensors (same device and storage kind).
+    """One program per TILE-element tile of a group of tensors (same device, storage kind and indexing).
 
-    ``meta_i[k] = (address, numel, offset base, first tile)`` (int64), ``meta_f[k] = (scale, scale2, decay)`` (fp32).
-    Program ``pid`` finds its tensor by binary search over the first-tile column, then updates one tile in place:
-    ``p <- decay * p + scale * z(seed, base + i) [+ scale2 * z(seed2, base + i)]`` (fp32 math, one read, one write).
+    ``meta_i[k] = (address, n, offset base, first tile, index address)`` (int64), ``meta_f[k] = (scale, scale2,
+    decay)`` (fp32). Program ``pid`` finds its tensor by binary search over the first-tile column, then updates one
+    tile in place: ``p[e_i] <- decay * p[e_i] + scale * z(seed, base + i) [+ scale2 * z(seed2, base + i)]`` for
+    ``i < n`` (fp32 math, one read, one write), where ``e_i = i`` (dense: ``n`` is the tensor's numel) or, with
+    ``INDEXED``, ``e_i = index[i]`` from the tensor's compact list of ``n`` flat indices (int32, or int64 with
+    ``INDEX64``): only those coordinates are read, perturbed and written, and ``z`` is drawn for them only.
     """
     pid = tl.program_id(0).to(tl.int64)
     lo = pid * 0
     hi = lo + n_tensors
     for _ in tl.static_range(SEARCH_STEPS):  # largest k with first_tile[k] <= pid
         mid = (lo + hi) // 2
-        go = tl.load(meta_i + mid * 4 + 3) <= pid
+        go = tl.load(meta_i + mid * 5 + 3) <= pid
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid)
     k = lo
-    addr = tl.load(meta_i + k * 4)
-    numel = tl.load(meta_i + k * 4 + 1)
-    base = tl.load(meta_i + k * 4 + 2)
-    start = (pid - tl.load(meta_i + k * 4 + 3)) * TILE
+    addr = tl.load(meta_i + k * 5)
+    numel = tl.load(meta_i + k * 5 + 1)
+    base = tl.load(meta_i + k * 5 + 2)
+    start = (pid - tl.load(meta_i + k * 5 + 3)) * TILE
     scale = tl.load(meta_f + k * 3)
     scale2 = tl.load(meta_f + k * 3 + 1)
     decay = tl.load(meta_f + k * 3 + 2)
@@ -133,14 +141,22 @@ def perturb_kernel(
         ptr = addr.to(tl.pointer_type(tl.float16))
     else:
         ptr = addr.to(tl.pointer_type(tl.float32))
+    if INDEXED:
+        idx_addr = tl.load(meta_i + k * 5 + 4)
+        if INDEX64:
+            idx_ptr = idx_addr.to(tl.pointer_type(tl.int64))
+        else:
+            idx_ptr = idx_addr.to(tl.pointer_type(tl.int32))
+    else:
+        idx_ptr = ptr  # unused
     if ALIGNED16:
         ptr = tl.multiple_of(ptr, 16)
     if start + TILE <= numel:  # full tile: no mask, vectorized accesses
-        _perturb_tile(ptr, start, numel, base, seed, scale, seed2, scale2, decay,
-                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, False)  # fmt: skip
+        _perturb_tile(ptr, idx_ptr, start, numel, base, seed, scale, seed2, scale2, decay,
+                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, False, INDEXED)  # fmt: skip
     else:
-        _perturb_tile(ptr, start, numel, base, seed, scale, seed2, scale2, decay,
-                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, True)  # fmt: skip
+        _perturb_tile(ptr, idx_ptr, start, numel, base, seed, scale, seed2, scale2, decay,
+                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, True, INDEXED)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])

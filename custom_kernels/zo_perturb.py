@@ -19,6 +19,14 @@ There are two implementations, each with its own stream (same distribution, diff
   ``custom_kernels/_triton_kernels.py``). Any offset ``>= 0`` works. All tensors of one device and dtype are
   updated by one grouped launch; each element is read once and written once, both streams of a fused call included.
 
+Sparse (masked) tensors: with ``indices[k]``, a 1-D int32 (or int64) tensor of ``n_k`` distinct flat indices into
+tensor ``k``, only those coordinates are read, perturbed and written, and ``z`` is generated for them only:
+position ``j`` of the list draws ``z(seed, offsets[k] + j)`` and updates element ``indices[k][j]`` (the compact
+coordinate space of ``n_k`` elements takes the place of the tensor's ``numel`` everywhere, offsets included; see
+:func:`offsets_for`). Every other element of the tensor is never touched: it stays bit-identical. Both paths
+gather/scatter through the list (the reference in bounded chunks of :data:`BLOCK` positions); the cost of a pass
+is proportional to ``n_k``, not to the tensor's size.
+
 Both streams are functions of ``(seed, offset base + element index)`` only. A run must use one path for a given
 tensor throughout a ZO step (``backend="auto"`` does: the choice depends only on device and dtype).
 
@@ -67,12 +75,17 @@ def mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def offsets_for(tensors: Sequence[Tensor]) -> list[int]:
-    """Block-aligned offset bases for a fixed list of tensors (cumulative, each rounded up to :data:`BLOCK`)."""
+def offsets_for(tensors: Sequence[Tensor], indices: Sequence[Tensor | None] | None = None) -> list[int]:
+    """Block-aligned offset bases for a fixed list of tensors (cumulative, each rounded up to :data:`BLOCK`).
+
+    With ``indices``, a tensor ``k`` whose ``indices[k]`` is not ``None`` occupies ``indices[k].numel()`` positions
+    of the stream (its compact coordinate list) instead of ``numel()``.
+    """
     offsets, base = [], 0
-    for t in tensors:
+    for k, t in enumerate(tensors):
         offsets.append(base)
-        base += -(-t.numel() // BLOCK) * BLOCK
+        n = t.numel() if indices is None or indices[k] is None else indices[k].numel()
+        base += -(-n // BLOCK) * BLOCK
     return offsets
 
 
@@ -87,11 +100,39 @@ def _per_tensor(value: float | Sequence[float] | None, n: int, name: str) -> lis
     return values
 
 
-def _check_tensors(tensors: Sequence[Tensor], offsets: Sequence[int]) -> None:
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _count(t: Tensor, index: Tensor | None) -> int:
+    """Number of coordinates of ``t`` a call updates: its numel, or the length of its compact index list."""
+    return t.numel() if index is None else index.numel()
+
+
+def _check_indices(tensors: Sequence[Tensor], indices: Sequence[Tensor | None] | None) -> list[Tensor | None]:
+    if indices is None:
+        return [None] * len(tensors)
+    indices = list(indices)
+    if len(indices) != len(tensors):
+        raise ValueError(f"got {len(indices)} index lists for {len(tensors)} tensors")
+    for k, (t, idx) in enumerate(zip(tensors, indices)):
+        if idx is None:
+            continue
+        if idx.dtype not in _INDEX_DTYPES or idx.ndim != 1:
+            raise ValueError(f"indices[{k}] must be a 1-D int32 or int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+        if idx.device != t.device:
+            raise ValueError(f"indices[{k}] is on {idx.device}, its tensor on {t.device}")
+        if not idx.is_contiguous():
+            raise ValueError(f"indices[{k}] is not contiguous")
+        if idx.dtype == torch.int32 and t.numel() > 2**31 - 1:
+            raise ValueError(f"tensor {k} has {t.numel()} elements: its flat indices need int64")
+    return indices
+
+
+def _check_tensors(tensors: Sequence[Tensor], offsets: Sequence[int], indices: Sequence[Tensor | None]) -> None:
     if len(offsets) != len(tensors):
         raise ValueError(f"got {len(offsets)} offsets for {len(tensors)} tensors")
     for k, t in enumerate(tensors):
-        if int(offsets[k]) < 0 or int(offsets[k]) + t.numel() > _MAX_INDEX:
+        if int(offsets[k]) < 0 or int(offsets[k]) + _count(t, indices[k]) > _MAX_INDEX:
             raise ValueError(f"offset {offsets[k]} of tensor {k} is outside [0, 2**63 - numel)")
         if not t.is_contiguous():
             raise ValueError(
@@ -115,6 +156,8 @@ def _perturb_reference(
     seed2: int | None,
     scales2: list[float] | None,
     decays: list[float] | None,
+    *,
+    indices: Sequence[Tensor | None] | None = None,
 ) -> None:
     by_device: dict[torch.device, tuple[torch.Generator, Tensor, Tensor | None]] = {}
     for k, t in enumerate(tensors):
@@ -130,23 +173,32 @@ def _perturb_reference(
             )
         gen, buf, buf2 = by_device[dev]
         flat = t.view(-1)
+        index = indices[k] if indices is not None else None
+        count = _count(t, index)
         first_block = offsets[k] // BLOCK
         decay = decays[k] if decays is not None else 1.0
-        for j, start in enumerate(range(0, flat.numel(), BLOCK)):
-            n = min(BLOCK, flat.numel() - start)
+        for j, start in enumerate(range(0, count, BLOCK)):
+            n = min(BLOCK, count - start)
             z = _block_normal(gen, seed, first_block + j, n, buf).to(dev, non_blocking=True)
             z2 = None
             if seed2 is not None and scales2 is not None and scales2[k] != 0.0:
                 z2 = _block_normal(gen, seed2, first_block + j, n, buf2).to(dev, non_blocking=True)
-            chunk = flat[start : start + n]
-            work = chunk if chunk.dtype == torch.float32 else chunk.float()
+            if index is None:
+                chunk = flat[start : start + n]
+                work = chunk if chunk.dtype == torch.float32 else chunk.float()
+            else:  # gather the chunk's coordinates (a copy), update, scatter back below
+                where = index[start : start + n].long()
+                chunk = None
+                work = flat.index_select(0, where).float()
             if decay != 1.0:
                 work.mul_(decay)
             if scales[k] != 0.0:
                 work.add_(z, alpha=scales[k])
             if z2 is not None:
                 work.add_(z2, alpha=scales2[k])
-            if work is not chunk:
+            if index is not None:
+                flat.index_copy_(0, where, work.to(flat.dtype))  # fp32 -> bf16/fp16 rounds to nearest-even
+            elif work is not chunk:
                 chunk.copy_(work)  # fp32 -> bf16/fp16 rounds to nearest-even
 
 
@@ -166,27 +218,31 @@ def _perturb_triton(
     decays: list[float] | None,
     *,
     tile: int | None = None,
+    indices: Sequence[Tensor | None] | None = None,
 ) -> None:
-    """Triton path: one grouped launch per (device, dtype). ``tile`` (a power of two >= 16) overrides the tile size
-    (tests use it to show that ``z`` does not depend on it)."""
+    """Triton path: one grouped launch per (device, dtype, index kind). ``tile`` (a power of two >= 16) overrides the
+    tile size (tests use it to show that ``z`` does not depend on it)."""
     kernels = triton_kernels()
+    indices = list(indices) if indices is not None else [None] * len(tensors)
+    counts = [_count(t, idx) for t, idx in zip(tensors, indices)]
     if tile is None and interpreting(kernels):  # few, large tiles; no larger than the largest tensor needs
-        tile = min(_TILE_INTERPRETER, max(16, 1 << (max(t.numel() for t in tensors) - 1).bit_length()))
+        tile = min(_TILE_INTERPRETER, max(16, 1 << (max(counts) - 1).bit_length()))
     tile = tile or _TILE_GPU
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of two >= 16, got {tile}")
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[int]] = {}
     for k, t in enumerate(tensors):
-        if t.numel():
-            groups.setdefault((t.device, t.dtype), []).append(k)
-    for (device, dtype), ks in groups.items():
+        if counts[k]:
+            kind = indices[k].dtype if indices[k] is not None else None
+            groups.setdefault((t.device, t.dtype, kind), []).append(k)
+    for (device, dtype, index_dtype), ks in groups.items():
         rows_i, rows_f, n_tiles = [], [], 0
         for k in ks:
-            numel = tensors[k].numel()
-            rows_i.append((tensors[k].data_ptr(), numel, int(offsets[k]), n_tiles))
+            index_addr = indices[k].data_ptr() if indices[k] is not None else 0
+            rows_i.append((tensors[k].data_ptr(), counts[k], int(offsets[k]), n_tiles, index_addr))
             rows_f.append((scales[k], scales2[k] if scales2 is not None else 0.0, decays[k] if decays else 1.0))
-            n_tiles += -(-numel // tile)
-        # small metadata tables: (address, numel, offset base, first tile) and (scale, scale2, decay) per tensor
+            n_tiles += -(-counts[k] // tile)
+        # small metadata tables: (address, count, offset base, first tile, index address) and (scale, scale2, decay)
         meta_i = torch.tensor(rows_i, dtype=torch.int64).to(device, non_blocking=True)
         meta_f = torch.tensor(rows_f, dtype=torch.float32).to(device, non_blocking=True)
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
@@ -199,10 +255,12 @@ def _perturb_triton(
                 KIND=_TRITON_DTYPES[dtype],
                 HAS_DECAY=decays is not None,
                 HAS_Z2=seed2 is not None,
-                ALIGNED16=all(row[0] % 16 == 0 for row in rows_i),
+                ALIGNED16=index_dtype is None and all(row[0] % 16 == 0 for row in rows_i),
                 ALIGNED4=all(row[2] % 4 == 0 for row in rows_i),
                 TILE=tile,
                 SEARCH_STEPS=(len(ks) - 1).bit_length(),
+                INDEXED=index_dtype is not None,
+                INDEX64=index_dtype == torch.int64,
                 num_warps=8,
                 enable_fp_fusion=False,  # no FMA contraction: the kernel rounds like the formula (and like numpy)
             )
@@ -218,11 +276,19 @@ def perturb_(
     seed2: int | None = None,
     scale2: float | Sequence[float] | None = None,
     decay: float | Sequence[float] | None = None,
+    indices: Sequence[Tensor | None] | None = None,
     backend: Backend = "auto",
 ) -> None:
     """In place, for every tensor ``p_k`` with offset base ``o_k`` and element ``i``::
 
         p_k[i] <- decay_k * p_k[i] + scale_k * z(seed, o_k + i) [+ scale2_k * z(seed2, o_k + i)]
+
+    or, for a tensor with a compact coordinate list ``indices[k]`` (1-D int32/int64, distinct flat indices; not
+    re-checked here), for every position ``j`` of the list and ``e = indices[k][j]``::
+
+        p_k.view(-1)[e] <- decay_k * p_k.view(-1)[e] + scale_k * z(seed, o_k + j) [+ scale2_k * z(seed2, o_k + j)]
+
+    leaving every other element untouched (module docstring).
 
     ``scale``, ``scale2`` and ``decay`` are one float for all tensors or one per tensor. ``seed2``/``scale2`` fuse a
     second direction into the same read/write (restore + update + next perturbation in one pass).
@@ -230,7 +296,8 @@ def perturb_(
     Triton kernel handles fp32, fp16 and bf16.
     """
     tensors = list(tensors)
-    _check_tensors(tensors, offsets)
+    indices = _check_indices(tensors, indices)
+    _check_tensors(tensors, offsets, indices)
     n = len(tensors)
     scales = _per_tensor(scale, n, "scale")
     scales2 = _per_tensor(scale2, n, "scale2") if seed2 is not None else None
@@ -257,6 +324,7 @@ def perturb_(
                 seed2,
                 [scales2[k] for k in ks] if scales2 is not None else None,
                 [decays[k] for k in ks] if decays is not None else None,
+                indices=[indices[k] for k in ks],
             )
 
 

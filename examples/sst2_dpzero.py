@@ -5,6 +5,8 @@
     python examples/sst2_dpzero.py --model roberta-base --trainable all --lr 1e-6 --clip 100 --max-steps 10000 \
         --accelerator gpu                                # real weights (internet): where DPZero gets real accuracy
     torchrun --nproc_per_node 4 examples/sst2_dpzero.py --accelerator gpu --devices 4      # DDP, same class
+    python examples/sst2_dpzero.py --trainable all --lr 1e-5 --stages 3 --zo-eps-end 1e-4 --prune 0.01
+                                                         # stagewise DP-ZO (DP-ZOSO) + data-free pruning (DP-ZOPO)
 
 Data: ``--data-dir`` holds ``glue/SST-2/{train,dev}.tsv`` and ``tokenizers/bert-base-uncased/vocab.txt`` (default:
 ``../shared/data`` beside the repository when it exists). Without it, GLUE SST-2 is loaded through the ``datasets``
@@ -28,6 +30,12 @@ scalar has std σ·C/B, so set C near the typical |s_i| (about 0.7-2 for the def
 fully fine-tuned large model). ``--lr`` must shrink as the number of trained parameters grows (the ZO step
 ``η·ĝ·z`` has norm ~ η·|ĝ|·sqrt(d)): 1e-4 for the head, 1e-5 or less for all weights of the small model.
 
+Stagewise schedule and pruning (Liu et al., arXiv 2402.07818): ``--stages S`` runs S stages of doubling length
+that halve the learning rate (``--lr-decay``) and decay λ geometrically to ``--zo-eps-end``, with an optional
+proximal pull ``--prox γ`` toward each stage's start point (``StagewiseZO``); ``--prune F`` trains only the fraction
+F of the trainable coordinates chosen by a data-free score (``ZOPruning``, ``--prune-score zo_hessian|magnitude``);
+``--num-directions q`` averages q directions per step (σ is calibrated for q compositions per step).
+
 The LightningModule is ordinary except for one thing every DP method needs: ``training_step`` returns the loss of
 each example (``reduction="none"``), not the batch mean.
 """
@@ -46,6 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dp import DPZeroStrategy, PrivacyBudget
+from lightning_dp.callbacks.pruning import ZOPruning
+from lightning_dp.callbacks.stagewise import StagewiseZO
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -175,6 +185,8 @@ def main(argv=None):
     p.add_argument("--dev-size", type=int, default=0, help="evaluate on the first N dev examples (0: all 872)")
     p.add_argument("--eps", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=None, help="default 1/N^1.1")
+    p.add_argument("--noise-multiplier", type=float, default=None,
+                   help="σ instead of --eps (ε is then reported; 0 with a huge --clip is non-private MeZO)")
     p.add_argument("--clip", type=float, default=2.0, help="C: near the typical per-example |s_i|")
     p.add_argument("--zo-eps", type=float, default=1e-3, help="λ, the finite-difference step")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -185,6 +197,13 @@ def main(argv=None):
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-directions", type=int, default=1, help="q directions per step (q compositions per step)")
+    p.add_argument("--stages", type=int, default=0, help="stagewise schedule with this many stages (0: off)")
+    p.add_argument("--lr-decay", type=float, default=0.5, help="learning-rate factor per stage")
+    p.add_argument("--zo-eps-end", type=float, default=None, help="λ of the last stage (default: --zo-eps)")
+    p.add_argument("--prox", type=float, default=0.0, help="γ of the proximal pull toward each stage's start")
+    p.add_argument("--prune", type=float, default=0.0, help="train only this fraction of coordinates (0: all)")
+    p.add_argument("--prune-score", choices=["zo_hessian", "magnitude"], default="zo_hessian")
     args = p.parse_args(argv)
 
     L.seed_everything(args.seed, verbose=False)
@@ -199,7 +218,15 @@ def main(argv=None):
     train = DataLoader(Encoded(train_rows, tokenizer, args.max_length), batch_size=args.batch_size, collate_fn=collate)
     dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
 
-    strategy = DPZeroStrategy(eps=args.eps, delta=args.delta, clip=args.clip, zo_eps=args.zo_eps)
+    privacy = {"eps": args.eps} if args.noise_multiplier is None else {"noise_multiplier": args.noise_multiplier}
+    strategy = DPZeroStrategy(**privacy, delta=args.delta, clip=args.clip, zo_eps=args.zo_eps,
+                              num_directions=args.num_directions)
+    callbacks = [PrivacyBudget(log_every_n_steps=50)]
+    if args.prune:
+        callbacks.append(ZOPruning(trainable_fraction=args.prune, score=args.prune_score))
+    if args.stages:
+        callbacks.append(StagewiseZO(stages=args.stages, lr_decay=args.lr_decay, zo_eps_end=args.zo_eps_end,
+                                     prox=args.prox))
     trainer = L.Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
@@ -208,7 +235,7 @@ def main(argv=None):
         max_steps=args.max_steps,
         val_check_interval=min(args.val_every, args.max_steps),
         check_val_every_n_epoch=None,
-        callbacks=[PrivacyBudget(log_every_n_steps=50)],
+        callbacks=callbacks,
         enable_checkpointing=False,
         log_every_n_steps=50,
     )

@@ -68,6 +68,11 @@ class DPStrategyBase(DDPStrategy):
 
     mechanism_name = "dp"
 
+    releases_per_step = 1
+    """Releases of the sampled Gaussian mechanism per optimizer step, all on the same Poisson batch (e.g. DPZero's
+    ``num_directions``). Each is one composition: σ is calibrated for ``planned_steps * releases_per_step``
+    compositions and the accountant records that many per step."""
+
     def __init__(
         self,
         eps: float | None = None,
@@ -236,15 +241,20 @@ class DPStrategyBase(DDPStrategy):
                         "on the Trainer (Lightning's implicit default of 1000 epochs is not taken as a plan)."
                     )
                 self.noise_multiplier = calibrate_noise_multiplier(
-                    self.target_epsilon, self.delta, sample_rate, self.planned_steps, self.accountant.kind
+                    self.target_epsilon,
+                    self.delta,
+                    sample_rate,
+                    self.planned_steps * self.releases_per_step,
+                    self.accountant.kind,
                 )
         if restored and not self.accountant.history:
             self.accountant.load_state_dict(restored["accountant"])
 
     # ------------------------------------------------------------------ accounting and report
     def account_step(self) -> None:
-        """Record one release of the sampled Gaussian mechanism (called once per optimizer step)."""
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        """Record the step's ``releases_per_step`` releases of the sampled Gaussian mechanism (called once per
+        optimizer step)."""
+        self.accountant.step(self.noise_multiplier, self.sample_rate, self.releases_per_step)
 
     @property
     def epsilon(self) -> float:
@@ -257,7 +267,8 @@ class DPStrategyBase(DDPStrategy):
         """ε that would be spent after ``extra_steps`` more steps."""
         if self.delta is None or self.noise_multiplier is None:
             return 0.0
-        return self.accountant.epsilon(self.delta, (self.noise_multiplier, self.sample_rate, extra_steps))
+        extra = extra_steps * self.releases_per_step
+        return self.accountant.epsilon(self.delta, (self.noise_multiplier, self.sample_rate, extra))
 
     def privacy_report(self) -> dict[str, Any]:
         """The run's privacy guarantee so far: ε spent at δ, σ, q, steps, accountant, C, and how they were set."""
@@ -269,7 +280,8 @@ class DPStrategyBase(DDPStrategy):
             "target_epsilon": self.target_epsilon,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
-            "steps": self.accountant.steps,
+            "steps": self.accountant.steps // self.releases_per_step,
+            "compositions": self.accountant.steps,
             "planned_steps": self.planned_steps,
             "accountant": self.accountant.kind,
             "clip": self.clip,

@@ -8,6 +8,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import SGD, Optimizer
@@ -22,7 +23,7 @@ from lightning_dp.mechanisms.zo import (
 from lightning_dp.privacy.sampling import is_empty_batch
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
 
-__all__ = ["DPZeroStrategy"]
+__all__ = ["DPZeroStrategy", "ZOPlan"]
 
 
 class DPZeroStrategy(DPStrategyBase):
@@ -48,8 +49,17 @@ class DPZeroStrategy(DPStrategyBase):
        expected batch size q·N to give ĝ, identical on every rank.
     4. One fused pass removes the −λz probe offset and applies ``θ <- (1 − η·wd)·θ − η·ĝ·z`` per parameter group.
 
-    Three passes over the parameters per step (+λz, −2λz, restore+update); the parameters seen by validation,
-    checkpoints, callbacks and after an exception are always the clean θ.
+    Three passes over the parameters per step (+λz, −2λz, restore+update), or two (``zo_schedule``); the parameters
+    seen by validation, checkpoints, callbacks and after an exception are always the clean θ.
+
+    Several directions per step (``num_directions=q``): steps 1–3 run for q seeded directions z_1..z_q on the same
+    batch (2q probes), each releasing its own noisy scalar ĝ_j, and the update is ``θ <- θ − η·(1/q)·Σ_j ĝ_j·z_j``.
+    Each release is one composition of the sampled Gaussian mechanism on the same Poisson batch: σ is calibrated
+    for q·T compositions (σ grows with q at a fixed ε) and the accountant records q per step.
+
+    Stagewise schedules and sparse (pruned) training are callbacks that plug into this strategy
+    (:class:`~lightning_dp.callbacks.stagewise.StagewiseZO`, :class:`~lightning_dp.callbacks.pruning.ZOPruning`,
+    subclasses of :class:`ZOPlan`): the strategy calls them itself, at stage boundaries, on the clean θ.
 
     Args:
         eps, delta, noise_multiplier, clip, accountant, poisson_sampling, seed, sampling_seed, **kwargs: see
@@ -58,6 +68,9 @@ class DPZeroStrategy(DPStrategyBase):
             DP-SGD's; DPZero used 50–400 on RoBERTa-large).
         zo_eps: λ, the finite-difference step (1e-3 as in MeZO/DPZero for full fine-tuning; ~1e-2 for LoRA).
         dropout: ``"off"`` (default) or ``"same"``; see step 2.
+        zo_schedule: ``"auto"`` (default), ``"two_pass"`` or ``"three_pass"`` (passes over the parameters per step).
+        num_directions: q, the number of directions per step (default 1, DPZero); costs 2q forward passes and q
+            compositions per step.
     """
 
     mechanism_name = "dpzero"
@@ -75,8 +88,11 @@ class DPZeroStrategy(DPStrategyBase):
         sampling_seed: int | None = None,
         dropout: Literal["off", "same"] = "off",
         zo_schedule: Literal["auto", "two_pass", "three_pass"] = "auto",
+        num_directions: int = 1,
         **kwargs: Any,
     ) -> None:
+        if not (isinstance(num_directions, int) and num_directions >= 1):
+            raise ValueError(f"`num_directions` must be an integer >= 1, got {num_directions!r}")
         if zo_schedule not in ("auto", "two_pass", "three_pass"):
             raise ValueError(f"`zo_schedule` must be 'auto', 'two_pass' or 'three_pass', got {zo_schedule!r}")
         if not zo_eps > 0:
@@ -94,13 +110,19 @@ class DPZeroStrategy(DPStrategyBase):
             sampling_seed=sampling_seed,
             **kwargs,
         )
-        self.zo_eps = float(zo_eps)
+        self.zo_eps = float(zo_eps)  # λ of the current step (a stagewise schedule changes it per stage)
+        self.zo_eps_start = float(zo_eps)  # λ as configured
+        self.num_directions = num_directions
+        self.releases_per_step = num_directions  # one composition per direction (DPStrategyBase)
+        self.prox = 0.0  # γ of the proximal pull γ(θ − θ_anchor) (set by a stagewise schedule)
+        self.zo_plans: list[ZOPlan] = []
+        self.last_steps: list[ZOStepResult] = []
         self.dropout = dropout
         self.zo_schedule = zo_schedule
         self.schedule: str | None = None  # resolved at setup: "two_pass" or "three_pass"
         self.directions: SeededDirections | None = None
         self._group_of: list[int] = []
-        self._step_inputs: tuple[int, Tensor | None] | None = None
+        self._step_inputs: tuple[list[int], list[Tensor] | None] | None = None
         self.last_step: ZOStepResult | None = None
 
     # ------------------------------------------------------------------ setup
@@ -135,6 +157,7 @@ class DPZeroStrategy(DPStrategyBase):
             )
         self.directions = SeededDirections(params, self.seed)
         self._group_of = groups
+        self._setup_plans(trainer)
         if self.zo_schedule == "auto":
             unsafe = _code_between_steps(trainer)
             self.schedule = "three_pass" if unsafe else "two_pass"
@@ -146,30 +169,80 @@ class DPZeroStrategy(DPStrategyBase):
         else:
             self.schedule = self.zo_schedule
 
+    def _setup_plans(self, trainer: Any) -> None:
+        """Find the ZO plans among the callbacks, restore the mask/anchor/λ of a checkpoint, let the plans set up."""
+        assert self.directions is not None
+        self.zo_plans = sorted((cb for cb in trainer.callbacks if isinstance(cb, ZOPlan)), key=lambda plan: plan.order)
+        restored = self._restored
+        state = (restored or {}).get("zo")
+        if restored is not None and int((state or {}).get("num_directions", 1)) != self.num_directions:
+            raise UnsafeSettingError(
+                f"the checkpoint was trained with num_directions={(state or {}).get('num_directions', 1)}, this run "
+                f"uses {self.num_directions}: σ was calibrated for that many compositions per step"
+            )
+        if state is not None:
+            self.directions.load_state_dict(state)
+            self.zo_eps = float(state["zo_eps"])
+            self.prox = float(state["prox"])
+        for plan in self.zo_plans:
+            plan.zo_setup(self, trainer, resumed=restored is not None)
+
+    # ------------------------------------------------------------------ what the plans may change (clean θ only)
+    def set_mask(self, indices: list[Tensor] | None) -> None:
+        """Train only the coordinates ``indices[k]`` (flat indices) of each trainable parameter ``k`` (in the
+        optimizer's order), or all of them (``None``). Removes any pending perturbation first; drops the anchor."""
+        assert self.directions is not None
+        self._restore()
+        if indices is not None and self.world_size > 1:
+            indices = self.broadcast([i.cpu() for i in indices])  # every rank trains exactly rank 0's coordinates
+        self.directions.set_mask(indices)
+
+    def set_anchor(self) -> None:
+        """θ_anchor <- the clean trainable coordinates (the start point of a stage, for the proximal term)."""
+        assert self.directions is not None
+        self._restore()
+        self.directions.set_anchor()
+
+    def _boundary_at(self, step: int) -> bool:
+        return any(plan.zo_is_boundary(self, step) for plan in self.zo_plans)
+
     # ------------------------------------------------------------------ the step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self.directions is not None
         trainer = self.lightning_module.trainer
+        step = trainer.global_step
+        if self.zo_plans and self._boundary_at(step):
+            self._restore()  # the update of the previous step did not fuse this step's +λz (see _private_update)
+            for plan in self.zo_plans:
+                plan.zo_boundary(self, trainer, step)
         batch = args[0] if args else kwargs.get("batch")
-        seed = self.directions.seed_for(trainer.global_step)
+        seeds = [self.directions.seed_for(step, j) for j in range(self.num_directions)]
         empty = is_empty_batch(batch)
         probe = self._probe_fn(args, kwargs)
+        outputs = []
         with torch.no_grad():
             # an empty shard still makes the same passes, so parameters stay bit-identical across ranks
-            self.directions.move_to(seed, +self.zo_eps)
-            out_plus = None if empty else probe()
-            self.directions.move_to(seed, -self.zo_eps)
-            out_minus = None if empty else probe()
+            for seed in seeds:
+                self.directions.move_to(seed, +self.zo_eps)
+                out_plus = None if empty else probe()
+                self.directions.move_to(seed, -self.zo_eps)
+                out_minus = None if empty else probe()
+                outputs.append((out_plus, out_minus))
         if empty:
-            self._step_inputs = (seed, None)
+            self._step_inputs = (seeds, None)
             return {"loss": torch.zeros((), device=self.root_device)}
         size = _batch_size(batch)
-        loss_plus = per_sample_loss(out_plus, size)
-        loss_minus = per_sample_loss(out_minus, size)
-        self._step_inputs = (seed, clip_differences(loss_plus, loss_minus, self.zo_eps, self.clip))
-        result = dict(out_plus) if isinstance(out_plus, Mapping) else {}
+        clipped, means = [], []
+        for out_plus, out_minus in outputs:
+            loss_plus = per_sample_loss(out_plus, size)
+            loss_minus = per_sample_loss(out_minus, size)
+            clipped.append(clip_differences(loss_plus, loss_minus, self.zo_eps, self.clip))
+            means.append(0.5 * (loss_plus.detach().float().mean() + loss_minus.detach().float().mean()))
+        self._step_inputs = (seeds, clipped)
+        first = outputs[0][0]
+        result = dict(first) if isinstance(first, Mapping) else {}
         result.pop("per_sample_loss", None)
-        result["loss"] = 0.5 * (loss_plus.detach().float().mean() + loss_minus.detach().float().mean())
+        result["loss"] = torch.stack(means).mean()
         return result
 
     def _probe_fn(self, args: tuple, kwargs: dict) -> Callable[[], Any]:
@@ -219,28 +292,41 @@ class DPZeroStrategy(DPStrategyBase):
     def _private_update(self, optimizer: Optimizer) -> None:
         assert self.directions is not None and self._step_inputs is not None
         assert self._collective is not None and self.noise_multiplier is not None
-        seed, clipped = self._step_inputs
+        seeds, clipped = self._step_inputs
         self._step_inputs = None
-        result = privatize_projected_gradient(
-            clipped,
-            noise_std=self.noise_multiplier * self.clip,
-            expected_batch_size=self.expected_batch_size,
-            collective=self._collective,
-            noise=self._noise,
-            device=self.root_device,
-        )
+        # one release per direction, each with its own noise draw (q compositions, accounted below)
+        results = [
+            privatize_projected_gradient(
+                clipped[j] if clipped is not None else None,
+                noise_std=self.noise_multiplier * self.clip,
+                expected_batch_size=self.expected_batch_size,
+                collective=self._collective,
+                noise=self._noise,
+                device=self.root_device,
+            )
+            for j in range(len(seeds))
+        ]
         groups = optimizer.param_groups
         lrs = [float(groups[g]["lr"]) for g in self._group_of]
         wds = [float(groups[g].get("weight_decay", 0.0)) for g in self._group_of]
         trainer = self.lightning_module.trainer
-        fuse_next = self.schedule == "two_pass" and (trainer.max_steps < 0 or trainer.global_step + 1 < trainer.max_steps)
-        next_seed = self.directions.seed_for(trainer.global_step + 1) if fuse_next else None
+        step = trainer.global_step
+        fuse_next = (
+            self.schedule == "two_pass"
+            and (trainer.max_steps < 0 or step + 1 < trainer.max_steps)
+            and not (self.zo_plans and self._boundary_at(step + 1))  # a plan may change λ, the mask or the anchor
+        )
+        next_seed = self.directions.seed_for(step + 1) if fuse_next else None
         with torch.no_grad():
             # two-pass schedule: the next step's +λz is fused into this pass and stays pending until that step
             # (or is removed lazily before anything else looks at the parameters)
-            self.directions.update(seed, result.projected_grad, lrs, wds, next_seed=next_seed, next_scale=self.zo_eps)
+            self.directions.update(
+                seeds, [r.projected_grad for r in results], lrs, wds, next_seed=next_seed, next_scale=self.zo_eps,
+                prox=self.prox,
+            )
         self.account_step()
-        self.last_step = result
+        self.last_step = results[0]
+        self.last_steps = results
 
     # ------------------------------------------------------------------ the clean θ is all anyone else sees
     def _restore(self) -> None:
@@ -271,7 +357,50 @@ class DPZeroStrategy(DPStrategyBase):
     def privacy_report(self) -> dict[str, Any]:
         report = super().privacy_report()
         report["zo_eps"] = self.zo_eps
+        report["num_directions"] = self.num_directions
+        if self.directions is not None:
+            report["trainable_coordinates"] = self.directions.num_coordinates
         return report
+
+    def dp_state_dict(self) -> dict[str, Any]:
+        state = super().dp_state_dict()
+        zo: dict[str, Any] = {"num_directions": self.num_directions, "zo_eps": self.zo_eps, "prox": self.prox}
+        if self.directions is not None:
+            zo.update(self.directions.state_dict())  # mask (int32 indices) and proximal anchor, when there are
+        state["zo"] = zo
+        return state
+
+
+class ZOPlan(Callback):
+    """Base of the callbacks that schedule the state of :class:`DPZeroStrategy` by stage: λ, the learning rate, the
+    proximal anchor, the mask of trainable coordinates (``StagewiseZO``, ``ZOPruning``).
+
+    The strategy finds them among the Trainer's callbacks (in ``order``) and calls them itself, never through
+    Lightning's between-step hooks, so the two-pass schedule stays available:
+
+    * :meth:`zo_setup` once at setup, on the clean initial θ (``resumed``: the mask, anchor and λ were restored
+      from the checkpoint);
+    * :meth:`zo_boundary` at the start of every step for which :meth:`zo_is_boundary` is true, before the first
+      probe and on the clean θ (the previous update does not fuse that step's first perturbation).
+
+    A plan reads no training data (it is called outside the data path, with no batch).
+    """
+
+    order = 0
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and not isinstance(trainer.strategy, DPZeroStrategy):
+            raise TypeError(f"{type(self).__name__} works with DPZeroStrategy, got {type(trainer.strategy).__name__}")
+
+    def zo_setup(self, strategy: DPZeroStrategy, trainer: Any, resumed: bool) -> None:
+        """Validate the configuration and set up the initial state."""
+
+    def zo_is_boundary(self, strategy: DPZeroStrategy, step: int) -> bool:
+        """Whether the plan changes the strategy's state at the start of ``step``."""
+        return False
+
+    def zo_boundary(self, strategy: DPZeroStrategy, trainer: Any, step: int) -> None:
+        """Change the strategy's state at the start of ``step`` (θ is clean)."""
 
 
 # Hooks that run between the update pass of step t and the first probe of step t+1 (or at the end of training).

@@ -2,6 +2,7 @@
 
     python examples/sst2_dpsgd.py                       # defaults: ε = 8, 200 steps, about 5 min on 2 CPU cores
     python examples/sst2_dpsgd.py --eps 3 --max-steps 2000
+    python examples/sst2_dpsgd.py --rmt                 # + RMT denoising of each weight-matrix gradient (same ε)
     python examples/sst2_dpsgd.py --model roberta-base --accelerator gpu --batch-size 1024 --lr 5e-4  # real weights
 
 Data, tokenizer and model are those of ``examples/sst2_dpzero.py`` (imported from it): ``--data-dir`` holds
@@ -44,6 +45,7 @@ from sst2_dpzero import (  # noqa: E402
 )
 
 from lightning_dp import DPSGDStrategy, PrivacyBudget  # noqa: E402
+from lightning_dp.callbacks.rmt import RMTDenoise  # noqa: E402
 
 
 class AdamSentimentClassifier(SentimentClassifier):
@@ -77,6 +79,10 @@ def main(argv=None):
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rmt", action="store_true",
+                   help="denoise the private gradient of each weight matrix (RMTDenoise: post-processing, same ε)")
+    p.add_argument("--rmt-kappa", type=float, default=1.0, help="RMTDenoise threshold, in units of the bulk edge")
+    p.add_argument("--rmt-min-dim", type=int, default=64, help="RMTDenoise skips matrices with min(m, n) below it")
     args = p.parse_args(argv)
 
     L.seed_everything(args.seed, verbose=False)
@@ -99,6 +105,7 @@ def main(argv=None):
         strategy = DPSGDStrategy(noise_multiplier=args.noise_multiplier, delta=args.delta, clip=args.clip)
     else:
         strategy = DPSGDStrategy(eps=args.eps, delta=args.delta, clip=args.clip)
+    rmt = RMTDenoise(kappa=args.rmt_kappa, min_dim=args.rmt_min_dim) if args.rmt else None
     trainer = L.Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
@@ -107,7 +114,7 @@ def main(argv=None):
         max_steps=args.max_steps,
         val_check_interval=min(args.val_every, args.max_steps),
         check_val_every_n_epoch=None,
-        callbacks=[PrivacyBudget(log_every_n_steps=50)],
+        callbacks=[PrivacyBudget(log_every_n_steps=50)] + ([rmt] if rmt is not None else []),
         enable_checkpointing=False,
         log_every_n_steps=50,
     )
@@ -124,6 +131,9 @@ def main(argv=None):
             f"at δ = {report['delta']:.2e} | σ = {report['noise_multiplier']:.3f}, q = {report['sample_rate']:.2e}, "
             f"{report['steps']} steps, C = {report['clip']} | {time.time() - start:.0f} s"
         )
+        if rmt is not None:
+            print(f"RMTDenoise: {rmt.mean_ms_per_step:.1f} ms/step; surviving singular values at the last step: "
+                  f"{sum(rmt.last_ranks.values())} over {len(rmt.last_ranks)} matrices")
     return result, report
 
 

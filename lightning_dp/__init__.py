@@ -5,7 +5,7 @@
 Opacus (accounting), transformers, peft and triton are imported only when used.
 """
 
-from lightning_dp.callbacks import CanaryAudit, PrivacyBudget, StagewiseZO, ZOPruning
+from lightning_dp.callbacks import CanaryAudit, PrivacyBudget, RMTDenoise, StagewiseZO, ZOPruning
 from lightning_dp.mechanisms.per_sample import PerSampleLossError
 from lightning_dp.privacy.sampling import EmptyBatch
 from lightning_dp.strategies import DPSGDStrategy, DPZeroStrategy, UnsafeSettingError
@@ -19,6 +19,7 @@ __all__ = [
     "EmptyBatch",
     "PerSampleLossError",
     "PrivacyBudget",
+    "RMTDenoise",
     "StagewiseZO",
     "UnsafeSettingError",
     "ZOPruning",

@@ -1,19 +1,22 @@
 """lightning_dp: differential privacy for any LightningModule by changing one Trainer argument.
 
 ``Trainer(strategy=DPZeroStrategy(eps=8))`` trains with private zeroth-order optimization on 1..N devices,
-``Trainer(strategy=DPSGDStrategy(eps=3))`` with DP-SGD (per-example clipping from one backward pass).
+``Trainer(strategy=DPSGDStrategy(eps=3))`` with DP-SGD (per-example clipping from one backward pass),
+``Trainer(strategy=DPLoRAFederatedStrategy(eps=8, clients=4, rounds=20, lora=LoraConfig(...)))`` federated LoRA
+with client-level DP.
 Opacus (accounting), transformers, peft and triton are imported only when used.
 """
 
 from lightning_dp.callbacks import CanaryAudit, PrivacyBudget, RMTDenoise, StagewiseZO, ZOPruning
 from lightning_dp.mechanisms.per_sample import PerSampleLossError
 from lightning_dp.privacy.sampling import EmptyBatch
-from lightning_dp.strategies import DPSGDStrategy, DPZeroStrategy, UnsafeSettingError
+from lightning_dp.strategies import DPLoRAFederatedStrategy, DPSGDStrategy, DPZeroStrategy, UnsafeSettingError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CanaryAudit",
+    "DPLoRAFederatedStrategy",
     "DPSGDStrategy",
     "DPZeroStrategy",
     "EmptyBatch",

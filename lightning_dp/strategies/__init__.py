@@ -6,8 +6,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
 from lightning_dp.strategies.dpsgd import DPSGDStrategy
 from lightning_dp.strategies.dpzero import DPZeroStrategy
+from lightning_dp.strategies.federated import DPLoRAFederatedStrategy
 
-__all__ = ["DPSGDStrategy", "DPStrategyBase", "DPZeroStrategy", "UnsafeSettingError"]
+__all__ = ["DPLoRAFederatedStrategy", "DPSGDStrategy", "DPStrategyBase", "DPZeroStrategy", "UnsafeSettingError"]
 
 if "dpzero" not in StrategyRegistry:
     StrategyRegistry.register(

@@ -1,0 +1,306 @@
+"""Federated DP-LoRA with client-level differential privacy: the math on plain tensors (no Lightning import).
+
+The protocol (Liu et al., arXiv 2312.17493, made precise): K clients share a frozen base model and train LoRA
+adapters. Each round, every client is sampled independently with probability q (Poisson sampling at the client
+level, from a secret seed and the round index, so every party agrees without communication). A sampled client starts
+from the global adapters θ, runs its local steps on its own data and computes its update ``Δ_k = θ_k − θ`` over all
+adapter tensors jointly (every LoRA factor and ``modules_to_save`` copy as one vector). It clips the update,
+``Δ_k · min(1, C / ||Δ_k||)``, adds Gaussian noise before the update leaves it, and uploads. The server sums the
+uploads and applies ``θ ← θ + η_s · Σ_k upload_k / (q·K)`` (the fixed denominator q·K of DP-FedAvg, McMahan et al.
+2018: dividing by the realized number of participants would reveal it).
+
+Noise placement (``placement``):
+
+* ``"local"``: every client adds N(0, σ²C²) to its own upload. Against the server, each upload is a Gaussian
+  mechanism on that client's data. The aggregate carries noise of std σC·√K.
+* ``"distributed"``: every client adds N(0, σ²C²/K), so the SUM carries exactly σC. This is the noise of a trusted
+  central aggregator, split across clients; it protects against the server only if the server sees just the sum
+  (secure aggregation, which is not part of this library).
+
+In both placements **every** client uploads every round, and a client that was not sampled (or has no data)
+uploads pure noise. The aggregate then always contains a N(0, σ²C²) term whose presence does not depend on who
+participated, so the released sum is (a post-processing of) the sampled Gaussian mechanism with rate q and
+sensitivity C under adding or removing one client's dataset. That is what the accountant composes over rounds. K is
+public and fixed; removing a client's dataset leaves a client without data, which uploads noise only. If only the
+sampled clients added noise, a round where nobody else was sampled would release a client's update with less noise
+than that analysis assumes.
+
+Aggregation of the factors. LoRA's weight update is a product, ``ΔW = s·B·A``. Averaging the factors,
+``avg(B_k)·avg(A_k)``, is not ``avg(B_k·A_k)``: the two differ by the cross term ``avg(δB_k·δA_k) − avg(δB_k)·
+avg(δA_k)``, which is second order in the local updates (:func:`lora_product_gap` computes it). ``"factors"`` (the
+paper's FedAvg of A and B) accepts that error. ``"b_only"`` (FFA-LoRA, Sun et al. 2024) freezes every A at its shared
+initialization and trains only B. The weight update is then linear in what travels, so the average of the uploads is
+exactly the average of the clients' weight updates, and the noise enters ``ΔW`` linearly (``N_B·A``) instead of
+through the ``N_B·N_A`` product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from custom_kernels.zo_perturb import mix_seed
+from lightning_dp.mechanisms.noise import GaussianNoise
+
+__all__ = [
+    "AdapterVector",
+    "ClientUpload",
+    "FederatedBatchSampler",
+    "RoundSchedule",
+    "aggregate_uploads",
+    "client_noise_std",
+    "clip_update",
+    "is_lora_name",
+    "local_batch",
+    "lora_product_gap",
+    "privatize_upload",
+    "sample_clients",
+    "split_by_label",
+    "split_iid",
+]
+
+PLACEMENTS = ("local", "distributed")
+_CLIENT_DOMAIN = 0xC11E  # separates the client-sampling stream from the others derived from the same seed
+_BATCH_DOMAIN = 0xBA7C
+_SPLIT_DOMAIN = 0x5B11
+
+
+def is_lora_name(name: str) -> bool:
+    """A peft adapter tensor: a LoRA factor (``lora_A``, ``lora_B``, ``lora_embedding_*``, DoRA's
+    ``lora_magnitude_vector``) or the trainable copy of a ``modules_to_save`` module."""
+    return "lora_" in name or ".modules_to_save." in name
+
+
+def is_lora_a_name(name: str) -> bool:
+    """The down-projection factor A of a LoRA layer (frozen under ``aggregation="b_only"``)."""
+    return ".lora_A." in name or ".lora_embedding_A." in name
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def sample_clients(seed: int, round_index: int, num_clients: int, rate: float) -> Tensor:
+    """Poisson sampling of clients: a ``[num_clients]`` bool mask, each client included with probability ``rate``,
+    keyed by (secret seed, round), so it is identical for every party and never replayed."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"client sampling rate must be in (0, 1], got {rate}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(mix_seed(_CLIENT_DOMAIN, seed, round_index))
+    return torch.rand(num_clients, generator=gen, dtype=torch.float64) < rate
+
+
+def local_batch(seed: int, client: int, local_step: int, shard_size: int, batch_size: int, poisson: bool) -> Tensor:
+    """Positions (into the client's shard) of the batch of one local step.
+
+    ``poisson=False``: ``min(batch_size, shard_size)`` distinct examples drawn uniformly (client-level DP does not
+    depend on how a client batches its own data). ``poisson=True``: each example independently with probability
+    ``min(1, batch_size / shard_size)``, as example-level DP-SGD inside the client requires; may be empty.
+    """
+    if shard_size == 0:
+        return torch.zeros(0, dtype=torch.long)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(mix_seed(_BATCH_DOMAIN, seed, client, local_step))
+    if poisson:
+        q = min(1.0, batch_size / shard_size)
+        return (torch.rand(shard_size, generator=gen, dtype=torch.float64) < q).nonzero().flatten()
+    return torch.randperm(shard_size, generator=gen)[: min(batch_size, shard_size)].sort().values
+
+
+def split_iid(num_examples: int, num_clients: int, seed: int) -> list[list[int]]:
+    """A uniformly random split of ``range(num_examples)`` into ``num_clients`` shards of (almost) equal size."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(mix_seed(_SPLIT_DOMAIN, seed))
+    perm = torch.randperm(num_examples, generator=gen)
+    return [sorted(chunk.tolist()) for chunk in torch.tensor_split(perm, num_clients)]
+
+
+def split_by_label(labels: Sequence[int], num_clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """A non-IID split: the examples of each label are divided among clients in proportions drawn from a
+    Dirichlet(``alpha``) distribution (small ``alpha``: each client sees mostly one or two labels; large: IID)."""
+    import numpy as np
+
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(mix_seed(_SPLIT_DOMAIN, seed, 1))
+    labels_arr = np.asarray(labels)
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    for label in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == label)
+        rng.shuffle(idx)
+        cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
+        for k, part in enumerate(np.split(idx, cuts)):
+            shards[k].extend(int(i) for i in part)
+    return [sorted(s) for s in shards]
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """How Lightning steps map onto the protocol: one step is one local step of one virtual client. A rank hosts
+    ``clients_per_rank`` clients and runs them one after the other, ``local_steps`` steps each; a round is
+    ``clients_per_rank × local_steps`` steps on every rank (so all ranks reach the round's all-reduce together)."""
+
+    clients_per_rank: int
+    local_steps: int
+    rank: int
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.clients_per_rank * self.local_steps
+
+    def position(self, global_step: int) -> tuple[int, int, int]:
+        """(round, client slot on this rank, local step) of a global step."""
+        round_index, within = divmod(int(global_step), self.steps_per_round)
+        slot, local = divmod(within, self.local_steps)
+        return round_index, slot, local
+
+    def client(self, slot: int) -> int:
+        return self.rank * self.clients_per_rank + slot
+
+
+class FederatedBatchSampler(Sampler[list[int]]):
+    """Per step, the batch (dataset indices) of the virtual client that is active at that step on this rank; an
+    empty list when that client is not sampled this round or has no data (the strategy then skips the step).
+
+    One pass (an epoch) is one round. Batches are keyed by (secret seed, client, the client's local step), so a
+    prefetched batch never depends on training state.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Sequence[int]],
+        schedule: RoundSchedule,
+        batch_size: int,
+        participates: Callable[[int, int], bool],
+        seed: int,
+        poisson: bool,
+        step_source: Callable[[], int],
+    ) -> None:
+        if len(shards) != schedule.clients_per_rank:
+            raise ValueError(f"{len(shards)} shards for {schedule.clients_per_rank} hosted clients")
+        self.shards = [torch.as_tensor(list(s), dtype=torch.long) for s in shards]
+        self.schedule = schedule
+        self.batch_size = int(batch_size)
+        self.participates = participates
+        self.seed = int(seed)
+        self.poisson = bool(poisson)
+        self.step_source = step_source
+
+    def __len__(self) -> int:
+        return self.schedule.steps_per_round
+
+    def batch_at(self, global_step: int) -> list[int]:
+        round_index, slot, local = self.schedule.position(global_step)
+        client = self.schedule.client(slot)
+        shard = self.shards[slot]
+        if len(shard) == 0 or not self.participates(round_index, client):
+            return []
+        step = round_index * self.schedule.local_steps + local
+        pos = local_batch(self.seed, client, step, len(shard), self.batch_size, self.poisson)
+        return shard[pos].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.step_source()
+        for k in range(len(self)):
+            yield self.batch_at(start + k)
+
+
+# ---------------------------------------------------------------------------------------------- the adapters
+class AdapterVector:
+    """The tensors that travel (every trainable adapter tensor) viewed as one flat fp32 vector."""
+
+    def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]]) -> None:
+        if not named_params:
+            raise ValueError("no adapter tensor to federate")
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @torch.no_grad()
+    def read(self) -> Tensor:
+        """A flat fp32 copy of the current values."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def write_(self, flat: Tensor) -> None:
+        """Copy ``flat`` into the parameters (in place)."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} values, got {flat.numel()}")
+        for p, chunk in zip(self.params, torch.split(flat, self.sizes)):
+            p.copy_(chunk.view(p.shape))
+
+
+# ---------------------------------------------------------------------------------------------- privatization
+@dataclass
+class ClientUpload:
+    """What one client did in one round (kept on its own rank; the norms never leave it)."""
+
+    round_index: int
+    client: int
+    sampled: bool
+    shard_size: int
+    update_norm: float  # ||Δ_k|| before clipping (0 for a client that did not train)
+    clipped_norm: float  # ||clip(Δ_k)||, <= C: what enters the upload before the noise
+    noise_std: float  # per-entry std of the noise this client added
+
+
+def client_noise_std(noise_multiplier: float, clip: float, num_clients: int, placement: str) -> float:
+    """Per-entry std of the noise one client adds: σC (``"local"``) or σC/√K (``"distributed"``, so that the sum
+    over the K clients carries exactly σC)."""
+    if placement == "local":
+        return float(noise_multiplier) * float(clip)
+    if placement == "distributed":
+        return float(noise_multiplier) * float(clip) / math.sqrt(num_clients)
+    raise ValueError(f"`noise_placement` must be one of {PLACEMENTS}, got {placement!r}")
+
+
+def clip_update(delta: Tensor, clip: float) -> tuple[Tensor, float]:
+    """``delta · min(1, C / (||delta|| + 1e-6))`` (all tensors jointly: ``delta`` is the flat update) and the norm
+    before clipping (computed in float64)."""
+    norm = float(delta.double().norm())
+    factor = min(1.0, float(clip) / (norm + 1e-6))
+    return delta * factor, norm
+
+
+def privatize_upload(
+    delta: Tensor,
+    clip: float,
+    noise_std: float,
+    noise: GaussianNoise,
+    participates: bool,
+    round_index: int = 0,
+    client: int = 0,
+    shard_size: int = 0,
+) -> tuple[Tensor, ClientUpload]:
+    """The upload of one client: ``clip(Δ) + N(0, noise_std²)`` if it took part in the round, else the noise alone
+    (see the module docstring for why a client that did not take part still uploads noise)."""
+    if participates:
+        upload, norm = clip_update(delta.float(), clip)
+        clipped = float(upload.double().norm())
+    else:
+        upload, norm, clipped = torch.zeros(delta.numel(), dtype=torch.float32, device=delta.device), 0.0, 0.0
+    if noise_std > 0:
+        upload = upload + noise.sample((upload.numel(),), noise_std).to(upload.device)
+    return upload, ClientUpload(round_index, client, bool(participates), shard_size, norm, clipped, float(noise_std))
+
+
+def aggregate_uploads(upload_sum: Tensor, num_clients: int, sample_rate: float) -> Tensor:
+    """The server's average: the sum of all uploads divided by the expected number of participants q·K."""
+    return upload_sum / (float(sample_rate) * int(num_clients))
+
+
+def lora_product_gap(a_updates: Sequence[Tensor], b_updates: Sequence[Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """``avg_k(B_k A_k) − avg(B_k)·avg(A_k)`` for clients starting from (A, B) with factor updates (δA_k, δB_k):
+    the error of averaging the factors instead of the products. It equals the cross term
+    ``avg(δB_k δA_k) − avg(δB_k)·avg(δA_k)`` and vanishes when every δA_k is 0 (``aggregation="b_only"``)."""
+    bs = [b + db for db in b_updates]
+    as_ = [a + da for da in a_updates]
+    avg_product = torch.stack([bk @ ak for bk, ak in zip(bs, as_)]).mean(0)
+    return avg_product - torch.stack(bs).mean(0) @ torch.stack(as_).mean(0)

@@ -156,6 +156,9 @@ def main(argv=None):
     p.add_argument("--eps", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=None, help="default 1/N^1.1")
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--clipping", choices=["auto", "bk", "ghost"], default="auto",
+                   help="bk: one backward (fastest); ghost: two backwards at the memory of non-private training "
+                        "(the tied wte/lm_head per-example gradients are instantiated in both)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32, help="expected batch size (Poisson sampling)")
@@ -181,7 +184,7 @@ def main(argv=None):
                        collate_fn=collate)
     test = DataLoader(E2EDataset(test_rows, tokenizer, args.max_length), batch_size=64, collate_fn=collate)
 
-    strategy = DPSGDStrategy(eps=args.eps, delta=args.delta, clip=args.clip)
+    strategy = DPSGDStrategy(eps=args.eps, delta=args.delta, clip=args.clip, clipping=args.clipping)
     trainer = L.Trainer(
         strategy=strategy,
         accelerator=args.accelerator,

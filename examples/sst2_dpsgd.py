@@ -79,6 +79,8 @@ def main(argv=None):
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clipping", choices=["auto", "bk", "ghost"], default="auto",
+                   help="bk: one backward (fastest); ghost: two backwards at the memory of non-private training")
     p.add_argument("--rmt", action="store_true",
                    help="denoise the private gradient of each weight matrix (RMTDenoise: post-processing, same ε)")
     p.add_argument("--rmt-kappa", type=float, default=1.0, help="RMTDenoise threshold, in units of the bulk edge")
@@ -102,9 +104,10 @@ def main(argv=None):
     dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
 
     if args.noise_multiplier is not None:
-        strategy = DPSGDStrategy(noise_multiplier=args.noise_multiplier, delta=args.delta, clip=args.clip)
+        strategy = DPSGDStrategy(noise_multiplier=args.noise_multiplier, delta=args.delta, clip=args.clip,
+                                 clipping=args.clipping)
     else:
-        strategy = DPSGDStrategy(eps=args.eps, delta=args.delta, clip=args.clip)
+        strategy = DPSGDStrategy(eps=args.eps, delta=args.delta, clip=args.clip, clipping=args.clipping)
     rmt = RMTDenoise(kappa=args.rmt_kappa, min_dim=args.rmt_min_dim) if args.rmt else None
     trainer = L.Trainer(
         strategy=strategy,

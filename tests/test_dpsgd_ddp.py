@@ -10,7 +10,7 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpsgd.py")
 
 
-def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, lr=0.05):
+def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, lr=0.05, clipping="auto"):
     out = str(tmp_path / name)
     # a child that inherits LOCAL_RANK & co. from an in-process Trainer believes an external launcher started it
     launcher_vars = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -19,7 +19,7 @@ def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, lr=0.
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--devices", str(devices), "--batch-size", str(batch_size), "--steps", str(steps),
-         "--noise-multiplier", str(noise_multiplier), "--lr", str(lr), "--out", out],
+         "--noise-multiplier", str(noise_multiplier), "--lr", str(lr), "--clipping", clipping, "--out", out],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,3 +50,14 @@ def test_two_ranks_match_one_process_and_noise_is_added_once(tmp_path):
     assert noise.numel() > 1400  # the std estimate is within ~4% (3σ); √2 would be 41% off
     std = noise.std().item()
     assert 0.88 * sigma * clip < std < 1.12 * sigma * clip, std
+
+
+def test_ghost_clipping_on_two_ranks_matches_book_keeping_in_one_process(tmp_path):
+    """clipping="ghost" on 2 ranks: bit-identical ranks, and the same private gradients as bk in one process."""
+    steps = 5
+    r0, r1 = _run(tmp_path, "ghost", devices=2, batch_size=4, steps=steps, clipping="ghost")
+    (single,) = _run(tmp_path, "bk", devices=1, batch_size=8, steps=steps, clipping="bk")
+    assert r0["report"]["clipping"] == "ghost" and single["report"]["clipping"] == "bk"
+    assert torch.equal(r0["grads"], r1["grads"]) and torch.equal(r0["params"], r1["params"])
+    assert [a + b for a, b in zip(r0["examples"], r1["examples"])] == single["examples"]
+    torch.testing.assert_close(r0["grads"], single["grads"], atol=1e-6, rtol=1e-5)

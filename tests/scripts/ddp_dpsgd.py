@@ -35,6 +35,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--noise-multiplier", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--clipping", default="auto")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def main():
     rec = Recorder()
     strategy = DPSGDStrategy(
         noise_multiplier=args.noise_multiplier, clip=1.0, seed=123, sampling_seed=7, accountant="rdp",
-        timeout=timedelta(seconds=120),
+        clipping=args.clipping, timeout=timedelta(seconds=120),
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,

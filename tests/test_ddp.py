@@ -11,7 +11,7 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpzero.py")
 
 
-def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0):
+def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, sparse=False):
     out = str(tmp_path / name)
     # an in-process Trainer leaves LOCAL_RANK/MASTER_PORT/... in os.environ; a child that inherits LOCAL_RANK believes
     # an external launcher started it and never launches its peers
@@ -21,7 +21,7 @@ def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0):
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--devices", str(devices), "--batch-size", str(batch_size), "--steps", str(steps),
-         "--noise-multiplier", str(noise_multiplier), "--out", out],
+         "--noise-multiplier", str(noise_multiplier), "--sparse", str(int(sparse)), "--out", out],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,3 +58,16 @@ def test_noise_added_exactly_once_across_ranks(tmp_path):
     std = noise.std().item()
     # 120 draws: the std estimate has ~6.5% relative error; √2 σC would be 41% off
     assert 0.78 * sigma * clip < std < 1.22 * sigma * clip, std
+
+
+def test_pruned_stagewise_on_two_ranks_matches_one_process(tmp_path):
+    """ZOPruning + StagewiseZO (prox) under DDP: one mask on every rank (broadcast from rank 0), coordinates outside
+    it untouched, ranks bit-identical, and the same run as one process."""
+    r0, r1 = _run(tmp_path, "ddp", devices=2, batch_size=4, steps=6, sparse=True)
+    (single,) = _run(tmp_path, "single", devices=1, batch_size=8, steps=6, sparse=True)
+    assert torch.equal(r0["params"], r1["params"]) and r0["steps"] == r1["steps"]
+    moved = r0["params"] != r0["initial"]
+    assert 0 < int(moved.sum()) <= round(0.3 * moved.numel())  # only masked coordinates moved
+    assert torch.equal(moved, single["params"] != single["initial"])  # the same mask as one process
+    assert [s[3] for s in r0["steps"]] == [s[3] for s in single["steps"]]
+    torch.testing.assert_close(r0["params"], single["params"], atol=1e-4, rtol=0)

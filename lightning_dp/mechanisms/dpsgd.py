@@ -418,18 +418,27 @@ class BookKeepingDPSGD:
         outside the modules that own them, e.g. ``F.linear(x, emb.weight)``, whose per-example gradients would be
         wrong)."""
         ones = torch.ones(batch, dtype=torch.float32, device=device)
-        names = {id(p): n for n, p in self._named}
+
+        def rebuilt(p: nn.Parameter) -> Tensor:
+            mine = torch.zeros(p.numel(), dtype=torch.float32, device=device)
+            _write(mine, p, plans.get(id(p)), ones, 0.0, None, 0)
+            return mine
+
+        self._check_sums(rebuilt, reference)
+
+    def _check_sums(self, rebuilt: Any, reference: dict[int, Tensor]) -> None:
+        """Raise if ``rebuilt(p)`` (``Σ_i ∇_i`` from the hooks, flat fp32) differs from autograd's ``reference``."""
+        refs = [g.detach().float().norm() for g in reference.values()]
         # absolute floor: parameters whose gradient is zero up to rounding (e.g. attention key biases)
-        floor = 1e-5 * float(torch.stack([g.detach().float().norm() for g in reference.values()]).norm())
+        floor = 1e-5 * float(torch.stack(refs).norm()) if refs else 0.0
+        names = {id(p): n for n, p in self._named}
         for p in self.params:
             ref = reference.get(id(p))
             if ref is None:
                 continue
             ref = ref.detach().float().reshape(-1)
-            mine = torch.zeros(p.numel(), dtype=torch.float32, device=device)
-            _write(mine, p, plans.get(id(p)), ones, 0.0, None, 0)
-            scale = float(ref.norm()) + float(mine.norm())
-            if float((mine - ref).norm()) > self.verify_rtol * scale + floor:
+            mine = rebuilt(p)
+            if float((mine - ref).norm()) > self.verify_rtol * (float(ref.norm()) + float(mine.norm())) + floor:
                 raise _not_adding_up(names.get(id(p), tuple(p.shape)))
 
     def _factored(self, kind: str, module: nn.Module, p: nn.Parameter, use: _Use) -> tuple | None:
@@ -588,17 +597,8 @@ class _GhostStep:
     def verify(self, reference: dict[int, Tensor]) -> None:
         """``Σ_i ∇_i`` rebuilt from the hooks must equal autograd's gradient (see ``BookKeepingDPSGD._verify``)."""
         assert self.sums is not None
-        refs = [g.detach().float().norm() for g in reference.values()]
-        floor = 1e-5 * float(torch.stack(refs).norm()) if refs else 0.0
-        names = {id(p): n for n, p in self.mech._named}
-        for p in self.mech.params:
-            ref = reference.get(id(p))
-            if ref is None:
-                continue
-            ref = ref.detach().float().reshape(-1)
-            mine = self.sums.get(id(p), torch.zeros_like(ref))
-            if float((mine - ref).norm()) > self.mech.verify_rtol * (float(ref.norm()) + float(mine.norm())) + floor:
-                raise _not_adding_up(names.get(id(p), tuple(p.shape)))
+        sums = self.sums
+        self.mech._check_sums(lambda p: sums.get(id(p), torch.zeros(p.numel(), device=self.device)), reference)
         self.sums = None
 
 

@@ -3,6 +3,7 @@
     python examples/sst2_dpsgd.py                       # defaults: ε = 8, 200 steps, about 5 min on 2 CPU cores
     python examples/sst2_dpsgd.py --eps 3 --max-steps 2000
     python examples/sst2_dpsgd.py --rmt                 # + RMT denoising of each weight-matrix gradient (same ε)
+    python examples/sst2_dpsgd.py --task qnli --trainable lora --batch-size 256 --lr 5e-3     # a sentence-pair task
     python examples/sst2_dpsgd.py --model roberta-base --accelerator gpu --batch-size 1024 --lr 5e-4  # real weights
 
 Data, tokenizer and model are those of ``examples/sst2_dpzero.py`` (imported from it): ``--data-dir`` holds
@@ -36,11 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sst2_dpzero import (  # noqa: E402
     DEFAULT_DATA,
     Encoded,
+    TASKS,
     SentimentClassifier,
     build_model,
     collate,
     load_tokenizer,
-    read_sst2,
+    num_labels,
+    read_glue,
     select_trainable,
 )
 
@@ -58,6 +61,7 @@ class AdamSentimentClassifier(SentimentClassifier):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else None)
+    p.add_argument("--task", choices=TASKS, default="sst2", help="GLUE task (qnli/mnli: sentence pairs)")
     p.add_argument("--model", default=None, help="Hugging Face model name or path (default: small model from config)")
     p.add_argument("--trainable", choices=["all", "head", "lora", "no-word-embeddings"], default="no-word-embeddings",
                    help="no-word-embeddings: all but the [V, d] token embedding matrix (random, frozen), which "
@@ -88,18 +92,18 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     L.seed_everything(args.seed, verbose=False)
-    train_rows, dev_rows = read_sst2(args.data_dir)
+    train_rows, dev_rows = read_glue(args.task, args.data_dir)
     if args.train_size:
         train_rows = train_rows[: args.train_size]
     if args.dev_size:
         dev_rows = dev_rows[: args.dev_size]
     tokenizer = load_tokenizer(args.model, args.data_dir)
-    model = build_model(args, tokenizer)
+    model = build_model(args, tokenizer, num_labels(args.task))
     if args.trainable == "no-word-embeddings":
         model.get_input_embeddings().weight.requires_grad_(False)
     else:
         model = select_trainable(model, args.trainable)
-    module = AdamSentimentClassifier(model, args.lr)
+    module = AdamSentimentClassifier(model, args.lr, num_labels(args.task))
     train = DataLoader(Encoded(train_rows, tokenizer, args.max_length), batch_size=args.batch_size, collate_fn=collate)
     dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
 
@@ -123,7 +127,7 @@ def main(argv=None):
     )
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if trainer.is_global_zero:
-        print(f"SST-2: {len(train_rows)} train / {len(dev_rows)} dev; {n_trainable / 1e6:.2f}M trainable parameters")
+        print(f"{args.task}: {len(train_rows)} train / {len(dev_rows)} dev; {n_trainable / 1e6:.2f}M trainable parameters")
     start = time.time()
     trainer.fit(module, train, dev)
     result = trainer.validate(module, dev, verbose=False)[0]

@@ -10,7 +10,8 @@
 
 Data: ``--data-dir`` holds ``glue/SST-2/{train,dev}.tsv`` and ``tokenizers/bert-base-uncased/vocab.txt`` (default:
 ``../shared/data`` beside the repository when it exists). Without it, GLUE SST-2 is loaded through the ``datasets``
-package (internet needed). Without ``--model``, a small RoBERTa-style model is built from a config (random
+package (internet needed). ``--task qnli`` / ``--task mnli`` runs the same on a GLUE sentence-pair task (the training
+subsets of ``glue/{QNLI,MNLI}``; evaluated on QNLI's dev set, or MNLI's 1,000 held-out training pairs). Without ``--model``, a small RoBERTa-style model is built from a config (random
 weights: no weights are downloaded); ``--model NAME_OR_PATH`` loads any Hugging Face checkpoint.
 
 What to expect. The defaults (random-init model, hidden 128, 1 layer, classification head trained, 1000 steps of B =
@@ -77,6 +78,23 @@ def read_sst2(data_dir: str | None):
     return [(r["sentence"], r["label"]) for r in ds["train"]], [(r["sentence"], r["label"]) for r in ds["validation"]]
 
 
+TASKS = ("sst2", "qnli", "mnli")
+
+
+def read_glue(task: str, data_dir: str | None):
+    """(train, dev) rows of ``task``: (sentence, label) for SST-2, (text_a, text_b, label) for QNLI/MNLI (their
+    training subsets of ``data_dir``; dev: QNLI's dev set, MNLI's 1,000 held-out training pairs)."""
+    if task == "sst2":
+        return read_sst2(data_dir)
+    from glue_federated_dplora import read_task  # the pair tasks' reader (imported here: it imports this module)
+
+    return read_task(task, data_dir)
+
+
+def num_labels(task: str) -> int:
+    return 3 if task == "mnli" else 2
+
+
 def load_tokenizer(model: str | None, data_dir: str | None):
     if model:
         from transformers import AutoTokenizer
@@ -93,11 +111,11 @@ def load_tokenizer(model: str | None, data_dir: str | None):
     return tokenizer
 
 
-def build_model(args, tokenizer):
+def build_model(args, tokenizer, labels: int = 2):
     from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
     if args.model:
-        return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+        return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=labels)
     config = RobertaConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden,
@@ -109,18 +127,22 @@ def build_model(args, tokenizer):
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         type_vocab_size=1,
-        num_labels=2,
+        num_labels=labels,
     )
     return RobertaForSequenceClassification(config)
 
 
 class Encoded(Dataset):
+    """Rows of (sentence, label) or of (text_a, text_b, label), tokenized once and padded to ``max_length``."""
+
     def __init__(self, rows, tokenizer, max_length):
-        enc = tokenizer([s for s, _ in rows], truncation=True, max_length=max_length, padding="max_length",
-                        return_tensors="pt")
+        texts = [r[:-1] for r in rows]
+        pairs = len(texts[0]) == 2
+        enc = tokenizer([t[0] for t in texts], [t[1] for t in texts] if pairs else None, truncation=True,
+                        max_length=max_length, padding="max_length", return_tensors="pt")
         self.input_ids = enc["input_ids"]
         self.attention_mask = enc["attention_mask"]
-        self.labels = torch.tensor([y for _, y in rows])
+        self.labels = torch.tensor([r[-1] for r in rows])
 
     def __len__(self):
         return len(self.labels)
@@ -138,11 +160,11 @@ def collate(samples):
 
 
 class SentimentClassifier(L.LightningModule):
-    def __init__(self, model, lr: float):
+    def __init__(self, model, lr: float, num_classes: int = 2):
         super().__init__()
         self.model = model
         self.lr = lr
-        self.dev_accuracy = MulticlassAccuracy(num_classes=2)
+        self.dev_accuracy = MulticlassAccuracy(num_classes=num_classes)
 
     def training_step(self, batch, batch_idx):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -175,6 +197,7 @@ def select_trainable(model, mode: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else None)
+    p.add_argument("--task", choices=TASKS, default="sst2", help="GLUE task (qnli/mnli: sentence pairs)")
     p.add_argument("--model", default=None, help="Hugging Face model name or path (default: small model from config)")
     p.add_argument("--trainable", choices=["all", "head", "lora"], default="head",
                    help="what DPZero perturbs and updates (default: the classification head)")
@@ -207,14 +230,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     L.seed_everything(args.seed, verbose=False)
-    train_rows, dev_rows = read_sst2(args.data_dir)
+    train_rows, dev_rows = read_glue(args.task, args.data_dir)
     if args.train_size:
         train_rows = train_rows[: args.train_size]
     if args.dev_size:
         dev_rows = dev_rows[: args.dev_size]
     tokenizer = load_tokenizer(args.model, args.data_dir)
-    model = select_trainable(build_model(args, tokenizer), args.trainable)
-    module = SentimentClassifier(model, args.lr)
+    model = select_trainable(build_model(args, tokenizer, num_labels(args.task)), args.trainable)
+    module = SentimentClassifier(model, args.lr, num_labels(args.task))
     train = DataLoader(Encoded(train_rows, tokenizer, args.max_length), batch_size=args.batch_size, collate_fn=collate)
     dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
 
@@ -241,7 +264,7 @@ def main(argv=None):
     )
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if trainer.is_global_zero:
-        print(f"SST-2: {len(train_rows)} train / {len(dev_rows)} dev; {n_trainable / 1e6:.2f}M trainable parameters")
+        print(f"{args.task}: {len(train_rows)} train / {len(dev_rows)} dev; {n_trainable / 1e6:.2f}M trainable parameters")
     start = time.time()
     trainer.fit(module, train, dev)
     result = trainer.validate(module, dev, verbose=False)[0]

@@ -33,8 +33,6 @@ federated averaging would send. Measured figures: ``benchmarks/RESULTS.md`` (``b
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -42,49 +40,14 @@ import time
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sst2_dpzero import DEFAULT_DATA, load_tokenizer  # noqa: E402
+from sst2_dpzero import DEFAULT_DATA, LABELS, Encoded, build_model, collate, load_tokenizer, read_task  # noqa: E402
 
 from lightning_dp.mechanisms.federated import split_by_label, split_iid  # noqa: E402
 from lightning_dp.strategies.federated import DPLoRAFederatedStrategy  # noqa: E402
-
-LABELS = {
-    "mnli": {"entailment": 0, "neutral": 1, "contradiction": 2},
-    "qnli": {"entailment": 0, "not_entailment": 1},
-}
-
-
-def _read_json_pairs(path: str, labels: dict[str, int]) -> list[tuple[str, str, int]]:
-    with open(path) as f:
-        rows = json.load(f)
-    return [(r["text_a"], r["text_b"], labels[r["label"]]) for _, r in sorted(rows.items(), key=lambda kv: int(kv[0]))]
-
-
-def read_task(task: str, data_dir: str | None):
-    """(train, eval) lists of (text_a, text_b, label)."""
-    labels = LABELS[task]
-    if data_dir and os.path.isdir(os.path.join(data_dir, "glue", task.upper())):
-        root = os.path.join(data_dir, "glue", task.upper())
-        train = _read_json_pairs(os.path.join(root, "train_subset_8999.json"), labels)
-        if task == "mnli":
-            dev = _read_json_pairs(os.path.join(root, "train_heldout_1000.json"), labels)
-        else:
-            with open(os.path.join(root, "dev.tsv"), newline="") as f:
-                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                next(reader)
-                dev = [(row[1], row[2], labels[row[3]]) for row in reader]
-        return train, dev
-    from datasets import load_dataset  # users with internet
-
-    ds = load_dataset("glue", task)
-    keys = ("premise", "hypothesis") if task == "mnli" else ("question", "sentence")
-    split = "validation_matched" if task == "mnli" else "validation"
-    conv = lambda part: [(r[keys[0]], r[keys[1]], int(r["label"])) for r in part]  # noqa: E731
-    return conv(ds["train"]), conv(ds[split])
-
 
 def load_pair_tokenizer(model: str | None, data_dir: str | None):
     """The model's own tokenizer, or the BERT uncased vocabulary from ``data_dir`` for a model built from a config or
@@ -93,50 +56,6 @@ def load_pair_tokenizer(model: str | None, data_dir: str | None):
     if model and os.path.isdir(model) and not any(os.path.exists(os.path.join(model, f)) for f in own):
         model = None
     return load_tokenizer(model, data_dir)
-
-
-class EncodedPairs(Dataset):
-    def __init__(self, rows, tokenizer, max_length):
-        enc = tokenizer([a for a, _, _ in rows], [b for _, b, _ in rows], truncation=True, max_length=max_length,
-                        padding="max_length", return_tensors="pt")
-        self.input_ids = enc["input_ids"]
-        self.attention_mask = enc["attention_mask"]
-        self.labels = torch.tensor([y for _, _, y in rows])
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
-
-
-def collate(samples):
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-    width = int(batch["attention_mask"].sum(1).max())  # trim padding to the longest pair of the batch
-    batch["input_ids"] = batch["input_ids"][:, :width]
-    batch["attention_mask"] = batch["attention_mask"][:, :width]
-    return batch
-
-
-def build_model(args, tokenizer, num_labels: int):
-    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
-
-    if args.model:
-        return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=args.max_length + 2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        type_vocab_size=1,
-        num_labels=num_labels,
-    )
-    return RobertaForSequenceClassification(config)
 
 
 class PairClassifier(L.LightningModule):
@@ -234,9 +153,9 @@ def main(argv=None):
         partition = split_by_label([y for _, _, y in train_rows], args.clients, args.alpha, seed=args.seed)
     else:
         partition = split_iid(len(train_rows), args.clients, seed=args.seed)
-    train = DataLoader(EncodedPairs(train_rows, tokenizer, args.max_length), batch_size=args.batch_size,
+    train = DataLoader(Encoded(train_rows, tokenizer, args.max_length), batch_size=args.batch_size,
                        collate_fn=collate)
-    dev = DataLoader(EncodedPairs(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
+    dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
 
     privacy = {"noise_multiplier": args.noise_multiplier} if args.noise_multiplier is not None else {"eps": args.eps}
     strategy = DPLoRAFederatedStrategy(

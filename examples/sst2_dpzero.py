@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import time
 
@@ -78,21 +79,52 @@ def read_sst2(data_dir: str | None):
     return [(r["sentence"], r["label"]) for r in ds["train"]], [(r["sentence"], r["label"]) for r in ds["validation"]]
 
 
-TASKS = ("sst2", "qnli", "mnli")
+LABELS = {
+    "mnli": {"entailment": 0, "neutral": 1, "contradiction": 2},
+    "qnli": {"entailment": 0, "not_entailment": 1},
+}
+
+
+def _read_json_pairs(path: str, labels: dict[str, int]) -> list[tuple[str, str, int]]:
+    with open(path) as f:
+        rows = json.load(f)
+    return [(r["text_a"], r["text_b"], labels[r["label"]]) for _, r in sorted(rows.items(), key=lambda kv: int(kv[0]))]
+
+
+def read_task(task: str, data_dir: str | None):
+    """(train, eval) lists of (text_a, text_b, label) of a sentence-pair task (training subsets of ``data_dir``;
+    eval: QNLI's dev set, MNLI's 1,000 held-out training pairs)."""
+    labels = LABELS[task]
+    if data_dir and os.path.isdir(os.path.join(data_dir, "glue", task.upper())):
+        root = os.path.join(data_dir, "glue", task.upper())
+        train = _read_json_pairs(os.path.join(root, "train_subset_8999.json"), labels)
+        if task == "mnli":
+            dev = _read_json_pairs(os.path.join(root, "train_heldout_1000.json"), labels)
+        else:
+            with open(os.path.join(root, "dev.tsv"), newline="") as f:
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                next(reader)
+                dev = [(row[1], row[2], labels[row[3]]) for row in reader]
+        return train, dev
+    from datasets import load_dataset  # users with internet
+
+    ds = load_dataset("glue", task)
+    keys = ("premise", "hypothesis") if task == "mnli" else ("question", "sentence")
+    split = "validation_matched" if task == "mnli" else "validation"
+    conv = lambda part: [(r[keys[0]], r[keys[1]], int(r["label"])) for r in part]  # noqa: E731
+    return conv(ds["train"]), conv(ds[split])
+
+
+TASKS = ("sst2", *LABELS)
 
 
 def read_glue(task: str, data_dir: str | None):
-    """(train, dev) rows of ``task``: (sentence, label) for SST-2, (text_a, text_b, label) for QNLI/MNLI (their
-    training subsets of ``data_dir``; dev: QNLI's dev set, MNLI's 1,000 held-out training pairs)."""
-    if task == "sst2":
-        return read_sst2(data_dir)
-    from glue_federated_dplora import read_task  # the pair tasks' reader (imported here: it imports this module)
-
-    return read_task(task, data_dir)
+    """(train, dev) rows of ``task``: (sentence, label) for SST-2, (text_a, text_b, label) for QNLI/MNLI."""
+    return read_sst2(data_dir) if task == "sst2" else read_task(task, data_dir)
 
 
 def num_labels(task: str) -> int:
-    return 3 if task == "mnli" else 2
+    return len(LABELS[task]) if task in LABELS else 2
 
 
 def load_tokenizer(model: str | None, data_dir: str | None):

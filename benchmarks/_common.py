@@ -224,3 +224,52 @@ def run_child(script: str, argv: list[str], timeout: float | None = None, env: d
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
     raise RuntimeError(f"child {argv} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+# ---------------------------------------------------------------------------------------------- step benchmarks
+def add_step_args(p, variants: tuple[str, ...], mem_steps: int) -> None:
+    """The flags shared by the step benchmarks (``dpsgd_memory_speed.py``, ``zo_memory_speed.py``): device, model
+    shape, batch, repetitions, threads, variants, output, and the internal ``--variant`` of a child process."""
+    import argparse
+
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
+    p.add_argument("--mem-steps", type=int, default=mem_steps, help="extra steps over which the peak memory is taken")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
+    p.add_argument("--variants", default=",".join(variants), help=f"comma-separated subset of {','.join(variants)}")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant (child process)
+
+
+def step_flags(args) -> list[str]:
+    """The flags of :func:`add_step_args` that a parent forwards to its child processes."""
+    return [
+        f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
+        f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
+        f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+        f"--threads={args.threads}",
+    ]
+
+
+def step_model(args, device) -> tuple[ModelSpec, torch.nn.Module]:
+    """The model of :func:`add_step_args`' shape flags, on ``device``."""
+    spec = ModelSpec(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
+                     vocab=args.vocab, max_positions=args.seq_len + 2)
+    return spec, build_model(spec, device)
+
+
+def load_average() -> float:
+    """1-minute load average (-1 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0

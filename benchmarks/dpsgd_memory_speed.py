@@ -40,20 +40,21 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     EXACT_MALLOC_ENV,
     MiB,
-    ModelSpec,
     PeakMemory,
-    build_model,
+    add_step_args,
     emit_result,
+    load_average,
     make_batch,
     now,
     per_example_loss,
     run_child,
+    step_flags,
+    step_model,
     trainable_params,
 )
 
@@ -176,9 +177,7 @@ def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock
 def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    spec = ModelSpec(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
-                     vocab=args.vocab, max_positions=args.seq_len + 2)
-    model = build_model(spec, device)
+    spec, model = step_model(args, device)
     for m in model.modules():  # train mode (Opacus hooks need it) with dropout off, for every variant alike
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -207,35 +206,13 @@ def child_main(args) -> None:
 # ---------------------------------------------------------------------------------------------- parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
-    p.add_argument("--mem-steps", type=int, default=1, help="extra steps over which the peak memory is taken")
+    add_step_args(p, VARIANTS, mem_steps=1)
     p.add_argument("--lora", type=int, default=0,
                    help="train peft LoRA adapters of this rank on query/value (+ the classifier) instead of all weights")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: the process's CPU time (CPU device only; with --threads 1 it is "
                         "the work done, robust to other processes competing for the cores)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--json", default=None, help="write all results to this file")
-    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant (child process)
     return p.parse_args(argv)
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return -1.0
 
 
 def main(argv=None) -> None:
@@ -249,14 +226,9 @@ def main(argv=None) -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown or "non-private" not in variants:
         raise SystemExit(f"--variants must include 'non-private' and only use {VARIANTS}; got {variants}")
-    forwarded = [
-        f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
-        f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
-        f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
-        f"--threads={args.threads}", f"--lora={args.lora}", f"--clock={args.clock}",
-    ]
+    forwarded = [*step_flags(args), f"--lora={args.lora}", f"--clock={args.clock}"]
     script = os.path.abspath(__file__)
-    load_before = _load()
+    load_before = load_average()
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):  # round-robin, so a burst of load from elsewhere hits all variants alike
         for v in variants:
@@ -274,7 +246,7 @@ def main(argv=None) -> None:
                 res = {"variant": v, "failed": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
             runs[v].append(res)
             print(f"  round {r + 1}/{args.rounds}: {v:<13} {time.time() - t0:5.1f} s", file=sys.stderr, flush=True)
-    load_after = _load()
+    load_after = load_average()
 
     summary: dict[str, dict] = {}
     for v in variants:

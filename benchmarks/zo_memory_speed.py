@@ -51,14 +51,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     EXACT_MALLOC_ENV,
     MiB,
-    ModelSpec,
     PeakMemory,
-    build_model,
+    add_step_args,
     emit_result,
+    load_average,
     make_batch,
     now,
     per_example_loss,
     run_child,
+    step_flags,
+    step_model,
     trainable_params,
 )
 
@@ -253,9 +255,7 @@ def measure_interleaved(variants: list[str], model, batch, device, args) -> dict
 def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    spec = ModelSpec(hidden=args.hidden, layers=args.layers, heads=args.heads, intermediate=args.intermediate,
-                     vocab=args.vocab, max_positions=args.seq_len + 2)
-    model = build_model(spec, device)
+    spec, model = step_model(args, device)
     batch = make_batch(args.batch_size, args.seq_len, spec.vocab, device)
     n_params = sum(p.numel() for p in model.parameters())
     if args.variant == "profile":
@@ -368,35 +368,12 @@ def profile(model, batch, device, args) -> dict:
 # ---------------------------------------------------------------------------------------------- parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, round-robin")
+    add_step_args(p, VARIANTS, mem_steps=2)
     p.add_argument("--timing", choices=["interleaved", "separate"], default="interleaved",
                    help="time the non-Lightning variants in one process, a step of each in turn (default), or each "
                         "in its own process")
-    p.add_argument("--mem-steps", type=int, default=2, help="extra steps over which the peak memory is taken")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--profile", action="store_true", help="also break a perturbation pass down (CPU: z vs add)")
-    p.add_argument("--json", default=None, help="write all results to this file")
-    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant (child process)
     return p.parse_args(argv)
-
-
-def _load() -> float:
-    """1-minute load average (-1 where the platform has none)."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return -1.0
 
 
 def main(argv=None) -> None:
@@ -408,14 +385,9 @@ def main(argv=None) -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown or "inference" not in variants:
         raise SystemExit(f"--variants must include 'inference' and only use {VARIANTS}; got {variants}")
-    forwarded = [
-        f"--device={args.device}", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}",
-        f"--intermediate={args.intermediate}", f"--vocab={args.vocab}", f"--batch-size={args.batch_size}",
-        f"--seq-len={args.seq_len}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
-        f"--mem-steps={args.mem_steps}", f"--threads={args.threads}",
-    ]
+    forwarded = [*step_flags(args), f"--mem-steps={args.mem_steps}"]
     script = os.path.abspath(__file__)
-    load_before = _load()
+    load_before = load_average()
     # Time: the variants without Lightning run interleaved in one process (one step of each in turn), the Trainer
     # in its own (--timing separate: every variant in its own process). Memory: every variant in its own fresh
     # process, started with EXACT_MALLOC_ENV so the RSS follows the live memory (that allocator setting would
@@ -438,7 +410,7 @@ def main(argv=None) -> None:
                             env=EXACT_MALLOC_ENV if args.device == "cpu" else None)
             runs[v].append({**mem, **timed[v]})
         print(f"  round {r + 1}/{args.rounds}: {time.time() - t0:5.1f} s", file=sys.stderr, flush=True)
-    load_after = _load()
+    load_after = load_average()
 
     summary = {}
     for v in variants:

@@ -10,9 +10,10 @@
 
 Data: ``--data-dir`` holds ``glue/SST-2/{train,dev}.tsv`` and ``tokenizers/bert-base-uncased/vocab.txt`` (default:
 ``../shared/data`` beside the repository when it exists). Without it, GLUE SST-2 is loaded through the ``datasets``
-package (internet needed). ``--task qnli`` / ``--task mnli`` runs the same on a GLUE sentence-pair task (the training
-subsets of ``glue/{QNLI,MNLI}``; evaluated on QNLI's dev set, or MNLI's 1,000 held-out training pairs). Without ``--model``, a small RoBERTa-style model is built from a config (random
-weights: no weights are downloaded); ``--model NAME_OR_PATH`` loads any Hugging Face checkpoint.
+package (internet needed). ``--task qnli`` / ``--task mnli`` runs the same on a GLUE sentence-pair task (the
+training subsets of ``glue/{QNLI,MNLI}``; evaluated on QNLI's dev set, or MNLI's 1,000 held-out training pairs).
+Without ``--model``, a small RoBERTa-style model is built from a config (random weights: no weights are
+downloaded); ``--model NAME_OR_PATH`` loads any Hugging Face checkpoint.
 
 What to expect. The defaults (random-init model, hidden 128, 1 layer, classification head trained, 1000 steps of B =
 64 at ε = 8) demonstrate the whole pipeline quickly: Poisson sampling, σ calibrated for ε, two probes and one noised

@@ -214,13 +214,15 @@ def plot(rows: list[dict], path: str, task: str = "SST-2") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]
         if mine[0]["target_eps"] is None:
-            ax.axhline(mine[0]["acc_mean"], linestyle="--", label=f"{method} (non-private)")
+            ax.axhline(mine[0]["acc_mean"], linestyle="--", color=f"C{i}", label=f"{method} (non-private)")
             continue
         xs = [r["target_eps"] for r in mine]
-        ax.errorbar(xs, [r["acc_mean"] for r in mine], yerr=[r["acc_std"] for r in mine], marker="o", label=method)
+        ax.errorbar(xs, [r["acc_mean"] for r in mine], yerr=[r["acc_std"] for r in mine], marker="o", color=f"C{i}",
+                    capsize=3, label=method)
+    ax.axhline(0.5, linestyle=":", color="gray", label="chance")
     ax.set_xlabel("ε")
     ax.set_ylabel(f"{task} dev accuracy")
     ax.legend(fontsize=8)

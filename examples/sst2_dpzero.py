@@ -29,7 +29,9 @@ pretrained checkpoint for accuracy (DPZero: 92% on SST-2 with RoBERTa-large at �
 
 Choosing ``--clip``: C bounds each example's finite difference ``s_i = (ℓ⁺ − ℓ⁻)/2λ`` and the noise on the released
 scalar has std σ·C/B, so set C near the typical |s_i| (about 0.7-2 for the default head-only model; hundreds for a
-fully fine-tuned large model). ``--lr`` must shrink as the number of trained parameters grows (the ZO step
+fully fine-tuned large model). Err on the large side: a C that clips most examples biases the scalar more than
+the noise it saves (LoRA on the pretrained tiny model of ``benchmarks/pretrain_tiny.py``: with C = 2, about the
+median |s_i|, DPZero stayed at chance even with σ = 0; ``benchmarks/utility.py`` uses C = 10). ``--lr`` must shrink as the number of trained parameters grows (the ZO step
 ``η·ĝ·z`` has norm ~ η·|ĝ|·sqrt(d)): 1e-4 for the head, 1e-5 or less for all weights of the small model.
 
 Stagewise schedule and pruning (Liu et al., arXiv 2402.07818): ``--stages S`` runs S stages of doubling length

@@ -69,3 +69,20 @@ def trainer_kwargs(**overrides):
               enable_model_summary=False, max_steps=5, default_root_dir=tempfile.mkdtemp(prefix="ldp-"))
     kw.update(overrides)
     return kw
+
+
+def clipped_difference_mean(
+    model: nn.Module, directions, x, y, lam: float, clip: float, expected_batch: int
+) -> float:
+    """Reference DPZero scalar with σ = 0: Σ_i clip_C((ℓ_i(θ+λz) − ℓ_i(θ−λz)) / 2λ) / E[B], computed by
+    moving ``model``'s parameters along ``directions`` (one tensor per parameter) and back."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        losses = []
+        for sign in (1, -1):
+            for p, z in zip(params, directions):
+                p.add_(sign * lam * z)
+            losses.append(F.cross_entropy(model(x), y, reduction="none"))
+            for p, z in zip(params, directions):
+                p.sub_(sign * lam * z)
+    return ((losses[0].double() - losses[1].double()) / (2 * lam)).clamp(-clip, clip).sum().item() / expected_batch

@@ -36,7 +36,6 @@ the square root of the number of trained coordinates), default: the same ``--lr`
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import statistics
@@ -50,27 +49,6 @@ DEFAULT_MODEL = os.path.join(REPO, "benchmarks", "cache", "pretrained", "tiny-ro
 VARIANTS = ("dpzero", "stagewise", "pruned")
 OPTIONAL_VARIANTS = ("pruned_magnitude",)  # --variants dpzero,stagewise,pruned,pruned_magnitude
 LABEL_WORDS = ("terrible", "great")
-
-
-def read_sst2(data_dir: str):
-    out = []
-    for split in ("train", "dev"):
-        with open(os.path.join(data_dir, "glue", "SST-2", f"{split}.tsv"), newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            next(reader)
-            out.append([(row[0].strip(), int(row[1])) for row in reader])
-    return out[0], out[1]
-
-
-def load_tokenizer(model: str | None, data_dir: str):
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    if model:
-        return AutoTokenizer.from_pretrained(model)
-    tokenizer = BertTokenizerFast.from_pretrained(os.path.join(data_dir, "tokenizers", "bert-base-uncased"))
-    if len(tokenizer) < 1000:
-        raise RuntimeError("the BERT vocabulary was not loaded")
-    return tokenizer
 
 
 def build_mlm(model: str | None, tokenizer, seed: int):
@@ -118,6 +96,9 @@ def child(args) -> None:
     from lightning_dp import DPZeroStrategy
     from lightning_dp.callbacks.pruning import ZOPruning
     from lightning_dp.callbacks.stagewise import StagewiseZO
+
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    from sst2_dpzero import load_tokenizer, read_sst2  # the examples' SST-2 reader and tokenizer
 
     torch.set_num_threads(args.threads)
     variant, seed = args.child, args.seed

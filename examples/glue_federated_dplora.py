@@ -38,16 +38,15 @@ import sys
 import time
 
 import lightning.pytorch as L
-import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sst2_dpsgd import AdamSentimentClassifier  # noqa: E402
 from sst2_dpzero import DEFAULT_DATA, LABELS, Encoded, build_model, collate, load_tokenizer, read_task  # noqa: E402
 
 from lightning_dp.mechanisms.federated import split_by_label, split_iid  # noqa: E402
 from lightning_dp.strategies.federated import DPLoRAFederatedStrategy  # noqa: E402
+
 
 def load_pair_tokenizer(model: str | None, data_dir: str | None):
     """The model's own tokenizer, or the BERT uncased vocabulary from ``data_dir`` for a model built from a config or
@@ -56,28 +55,6 @@ def load_pair_tokenizer(model: str | None, data_dir: str | None):
     if model and os.path.isdir(model) and not any(os.path.exists(os.path.join(model, f)) for f in own):
         model = None
     return load_tokenizer(model, data_dir)
-
-
-class PairClassifier(L.LightningModule):
-    def __init__(self, model, lr: float, num_labels: int):
-        super().__init__()
-        self.model = model
-        self.lr = lr
-        self.dev_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
-
-    def training_step(self, batch, batch_idx):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        return {"loss": per_example.mean(), "per_sample_loss": per_example}
-
-    def validation_step(self, batch, batch_idx):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        self.dev_accuracy.update(logits.argmax(-1), batch["labels"])
-        self.log("dev_acc", self.dev_accuracy, prog_bar=True)
-
-    def configure_optimizers(self):
-        # built after the strategy injected LoRA: only the adapters (and the head copy) require grad
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 class RoundPrinter(L.Callback):
@@ -148,7 +125,8 @@ def main(argv=None):
     num_labels = len(LABELS[args.task])
     tokenizer = load_pair_tokenizer(args.model, args.data_dir)
     model = build_model(args, tokenizer, num_labels)
-    module = PairClassifier(model, args.lr, num_labels)
+    # Adam is built after the strategy injected LoRA: only the adapters (and the head copy) require grad
+    module = AdamSentimentClassifier(model, args.lr, num_labels, average="micro")
     if args.non_iid:
         partition = split_by_label([y for _, _, y in train_rows], args.clients, args.alpha, seed=args.seed)
     else:

@@ -195,11 +195,11 @@ def collate(samples):
 
 
 class SentimentClassifier(L.LightningModule):
-    def __init__(self, model, lr: float, num_classes: int = 2):
+    def __init__(self, model, lr: float, num_classes: int = 2, average: str = "macro"):
         super().__init__()
         self.model = model
         self.lr = lr
-        self.dev_accuracy = MulticlassAccuracy(num_classes=num_classes)
+        self.dev_accuracy = MulticlassAccuracy(num_classes=num_classes, average=average)
 
     def training_step(self, batch, batch_idx):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -115,10 +115,14 @@ def clip_coefficients(sq_norms: Tensor, max_norm: float, eps: float = 1e-6) -> T
     """Clip coefficients ``c_i = min(1, max_norm / (sqrt(sq_norms_i) + eps))`` (fp32), so ``||c_i ∇_i|| <= max_norm``.
 
     ``sq_norms`` is the per-example squared norm over *all* clipped parameters (sum the per-layer values first).
+    A non-finite ``sq_norms_i`` (NaN or inf) gives ``c_i = 0`` exactly. Note that ``0 · NaN = NaN``: the caller must
+    also zero such an example's per-example gradient (or factors) before it enters the sum.
     """
     if max_norm <= 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
-    return (max_norm / (sq_norms.float().sqrt() + eps)).clamp(max=1.0)
+    sq = sq_norms.float()
+    coeffs = (max_norm / (sq.sqrt() + eps)).clamp(max=1.0)
+    return coeffs.masked_fill(~torch.isfinite(sq), 0.0)
 
 
 def _reference(

@@ -38,7 +38,7 @@ Stagewise schedule and pruning (Liu et al., arXiv 2402.07818): ``--stages S`` ru
 that halve the learning rate (``--lr-decay``) and decay λ geometrically to ``--zo-eps-end``, with an optional
 proximal pull ``--prox γ`` toward each stage's start point (``StagewiseZO``); ``--prune F`` trains only the fraction
 F of the trainable coordinates chosen by a data-free score (``ZOPruning``, ``--prune-score zo_hessian|magnitude``);
-``--num-directions q`` averages q directions per step (σ is calibrated for q compositions per step).
+``--num-directions q`` averages q directions per step (one mechanism at σ/√q per step: σ is √q times larger).
 
 The LightningModule is ordinary except for one thing every DP method needs: ``training_step`` returns the loss of
 each example (``reduction="none"``), not the batch mean.
@@ -255,7 +255,7 @@ def main(argv=None):
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-directions", type=int, default=1, help="q directions per step (q compositions per step)")
+    p.add_argument("--num-directions", type=int, default=1, help="q directions per step (σ is √q times larger at the same ε)")
     p.add_argument("--stages", type=int, default=0, help="stagewise schedule with this many stages (0: off)")
     p.add_argument("--lr-decay", type=float, default=0.5, help="learning-rate factor per stage")
     p.add_argument("--zo-eps-end", type=float, default=None, help="λ of the last stage (default: --zo-eps)")

@@ -244,11 +244,6 @@ def test_invalid_constructor_arguments():
         DPZeroStrategy(eps=1.0, delta=1.5)
 
 
-def test_poisson_off_warns():
-    with pytest.warns(UserWarning, match="Poisson"):
-        fit(TinyClassifier(), DPZeroStrategy(noise_multiplier=1.0, poisson_sampling=False), max_steps=2)
-
-
 def test_privacy_budget_logs_reports_and_stops(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 

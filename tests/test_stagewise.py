@@ -1,5 +1,5 @@
 """Stagewise DP-ZO (StagewiseZO): the schedule's values at every step, the proximal update, several directions per
-step accounted as that many compositions, and resume."""
+step accounted as one mechanism at σ/√q, and resume."""
 
 import math
 import warnings
@@ -167,32 +167,50 @@ def test_proximal_update_formula_and_anchor_per_stage():
 
 
 # ---------------------------------------------------------------------------------------------- q directions
-def test_q_directions_are_q_compositions_per_step():
+def test_q_directions_are_one_mechanism_at_sigma_over_sqrt_q():
+    """q releases on one Poisson batch are one Gaussian mechanism (sensitivity √q·C, noise σC per entry): σ is
+    √q times the single-release σ for T steps, and one step at σ/√q is recorded per optimizer step."""
     q, steps, eps = 3, 6, 3.0
     model = TinyClassifier()
     strategy = DPZeroStrategy(eps=eps, clip=2.0, accountant="rdp", num_directions=q)
     _fit(model, strategy, steps=steps)
     delta, rate = 64**-1.1, 8 / 64
-    sigma_q = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=rate, steps=q * steps,
-                                   accountant="rdp", epsilon_tolerance=0.01)
     sigma_1 = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=rate, steps=steps,
                                    accountant="rdp", epsilon_tolerance=0.01)
-    assert strategy.noise_multiplier == sigma_q > sigma_1  # σ grows with q at a fixed ε
-    assert strategy.accountant.history == [(sigma_q, rate, q * steps)]
+    assert strategy.noise_multiplier == pytest.approx(sigma_1 * q**0.5, rel=1e-12)  # σ grows with √q at a fixed ε
+    assert strategy.accountant.history == [(pytest.approx(sigma_1, rel=1e-12), rate, steps)]
 
-    def opacus_epsilon(n):
+    def opacus_epsilon(n, sigma=sigma_1):
         acc = create_accountant("rdp")
-        acc.history = [(sigma_q, rate, n)]
+        acc.history = [(sigma, rate, n)]
         return acc.get_epsilon(delta=delta)
 
     report = strategy.privacy_report()
-    assert report["epsilon"] == pytest.approx(opacus_epsilon(q * steps), rel=1e-12)
-    assert report["epsilon"] > opacus_epsilon(steps) * 1.2  # what q=1 accounting would (wrongly) report
+    assert report["epsilon"] == pytest.approx(opacus_epsilon(steps), rel=1e-9)
     assert 2.9 < report["epsilon"] <= eps
-    assert report["steps"] == steps and report["compositions"] == q * steps and report["num_directions"] == q
-    assert strategy.epsilon_after(1) == pytest.approx(opacus_epsilon(q * steps + q), rel=1e-12)
+    assert report["steps"] == steps and report["num_directions"] == q and report["releases_per_step"] == q
+    assert report["effective_noise_multiplier"] == pytest.approx(sigma_1, rel=1e-12)
+    assert "σ/√3" in report["accounting"]
+    assert strategy.epsilon_after(1) == pytest.approx(opacus_epsilon(steps + 1), rel=1e-9)
     assert model.calls == 2 * q * steps
     assert len(strategy.last_steps) == q and len({r.noise for r in strategy.last_steps}) == q  # q noise draws
+
+
+def test_q_same_batch_releases_counted_as_independent_steps_under_report_epsilon():
+    """The issue's measurement: N = 10⁴, q = 0.0064, T = 1000, k = 4 releases per step. Calibrating σ as if the
+    k releases were k independently sampled steps gives ε = 8 on paper; the one mechanism they form (σ/√k) spends
+    far more. The strategy's calibration is that of the one mechanism, so its σ is the right one."""
+    from lightning_dp.privacy import PrivacyAccountant, calibrate_noise_multiplier
+
+    k, rate, steps, delta = 4, 0.0064, 1000, 1e-5
+    wrong_sigma = calibrate_noise_multiplier(8.0, delta, rate, k * steps, "rdp")
+    true = PrivacyAccountant("rdp")
+    true.step(wrong_sigma / k**0.5, rate, steps)
+    assert true.epsilon(delta) > 30  # ≈ 47 (PRV), far above the 8 the old accounting reported
+    right_sigma = calibrate_noise_multiplier(8.0, delta, rate, steps, "rdp") * k**0.5
+    fixed = PrivacyAccountant("rdp")
+    fixed.step(right_sigma / k**0.5, rate, steps)
+    assert fixed.epsilon(delta) <= 8.0 and right_sigma > wrong_sigma
 
 
 def test_q_directions_update_formula():

@@ -11,6 +11,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_dp.errors import UnsafeSettingError
+
 __all__ = ["PrivacyBudget"]
 
 
@@ -22,7 +24,9 @@ class PrivacyBudget(Callback):
     - writes the strategy's ``privacy_report()`` as ``privacy_report.json`` to the Trainer's log directory (or
       ``report_path``) when training ends;
     - with ``max_epsilon``, stops training before the step that would spend more than ``max_epsilon`` (useful when
-      the strategy was given a ``noise_multiplier`` rather than a target ε).
+      the strategy was given a ``noise_multiplier`` rather than a target ε). Lightning ignores a stop request until
+      the Trainer's ``min_steps`` / ``min_epochs`` are reached, so a minimum that would force steps past the budget
+      is refused before training starts, and a step that would exceed the budget raises instead of running.
 
     Works with any strategy that has a ``privacy_report()`` method and, for ``max_epsilon``, ``epsilon_after(k)``.
     """
@@ -70,8 +74,60 @@ class PrivacyBudget(Callback):
                 f"ε > {self.max_epsilon} (spent so far: {strategy.epsilon:.4f})"
             )
 
+    def _steps_within_budget(self, strategy: Any, limit: int) -> int:
+        """The largest k <= ``limit`` with ``epsilon_after(k) <= max_epsilon`` (ε grows with k)."""
+        if strategy.epsilon_after(0) > self.max_epsilon:
+            return 0
+        lo, hi = 0, 1
+        while hi <= limit and strategy.epsilon_after(hi) <= self.max_epsilon:
+            lo, hi = hi, hi * 2
+        hi = min(hi, limit + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if strategy.epsilon_after(mid) <= self.max_epsilon:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _refuse_forced_overspend(self, trainer: Trainer) -> None:
+        """``min_steps`` / ``min_epochs`` that would make Lightning run past the budget are refused up front."""
+        fit_loop = trainer.fit_loop
+        min_steps = fit_loop.epoch_loop.min_steps or 0
+        min_epochs = fit_loop.min_epochs or 0
+        per_epoch = trainer.num_training_batches
+        forced = max(min_steps, min_epochs * per_epoch if math.isfinite(per_epoch) else (1 if min_epochs else 0))
+        if min_epochs and not math.isfinite(per_epoch):
+            forced = max(forced, trainer.global_step + 1)
+        if forced <= trainer.global_step:
+            return
+        strategy = self._strategy(trainer)
+        need = forced - trainer.global_step
+        allowed = self._steps_within_budget(strategy, need)
+        if allowed < need:
+            raise UnsafeSettingError(
+                f"PrivacyBudget(max_epsilon={self.max_epsilon}) can allow {allowed} more step(s), but the Trainer's "
+                f"min_steps={fit_loop.epoch_loop.min_steps} / min_epochs={fit_loop.min_epochs} force training up to "
+                f"step {forced}, and Lightning ignores a stop request until then: the run would spend more than "
+                "the budget. Lower `min_steps`/`min_epochs` or raise `max_epsilon`."
+            )
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.max_epsilon is not None:
+            self._refuse_forced_overspend(trainer)
         self._stop_if_next_step_exceeds(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """A step that would exceed the budget never runs (the backstop when a stop request was not honored)."""
+        if self.max_epsilon is None:
+            return
+        strategy = self._strategy(trainer)
+        if strategy.epsilon_after(1) > self.max_epsilon:
+            raise UnsafeSettingError(
+                f"PrivacyBudget: the next step would spend ε = {strategy.epsilon_after(1):.4f} > max_epsilon = "
+                f"{self.max_epsilon}, and training did not stop when asked (spent so far: {strategy.epsilon:.4f}). "
+                "Something overrides the stop (min_steps/min_epochs, another callback resetting `should_stop`)."
+            )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._stop_if_next_step_exceeds(trainer)

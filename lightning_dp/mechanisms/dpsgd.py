@@ -15,13 +15,27 @@ of ``Σ_i ℓ_i``:
 * ``Σ_i c_i ∇_i`` is written per parameter into one flat fp32 buffer (book-keeping: from the stored ``a``, ``g``),
   Gaussian noise ``σC`` is fused into the same pass on the rank that adds it.
 
+Non-finite examples: an example whose squared norm is NaN or inf (a NaN/inf loss or input) gets ``c_i = 0`` and
+contributes exactly nothing: as ``0 · NaN = NaN``, its rows of the stored factors, output gradients and instantiated
+per-example gradients are zeroed before they enter the sum (copies, made only on a step that has such an example).
+The release is then that of the batch without it, so one record cannot turn the whole released gradient into NaN.
+Their count is reported in :attr:`DPSGDStepResult.nonfinite` (not private: for debugging only).
+
+Ghost mode (``mode="ghost"``, the memory of non-private training): a first backward streams the per-example norms
+from the output gradients and frees each one at once; a second backward of ``Σ_i c_i ℓ_i``, also stopped at the
+hooked outputs, hands each hook an output gradient that already carries ``c_i``, and the hook adds that use's
+``Σ_i c_i ∇_i`` (book-keeping from its ``a``) into the flat buffer and frees it. The released sum is formed only from
+what the hooks decompose: autograd's ``.grad`` is never read, as in bk mode after the first step.
+
 Tied parameters (one parameter used by several modules, or one module called several times, e.g. GPT-2's
 ``wte``/``lm_head``): the per-example gradient is the sum over uses, so its norm is not the sum of per-use norms.
 For such a parameter the per-example gradient of every use is instantiated (``[B, *shape]``, e.g. ``B × V × d`` for a
 tied embedding: the memory of ``B`` copies of that parameter) and the uses are added before the norm is taken.
 
 A check on the first step (:meth:`BookKeepingDPSGD._verify`, run by the strategy) compares ``Σ_i ∇_i`` rebuilt
-from the hooks with autograd's gradient and raises if a parameter is used outside its module. Later steps call
+from the hooks with autograd's gradient and raises if a parameter is used outside its module. It needs finite
+values: on a step with a non-finite norm or gradient it is skipped and :attr:`DPSGDStepResult.verified` is False,
+so the strategy checks again on its next step. Later steps call
 :meth:`BookKeepingDPSGD.backward_to_outputs`, which backpropagates only as far as the hooked outputs: autograd's
 weight-gradient GEMMs, which the clipped sum replaces, are skipped. Layers that share an input (query, key,
 value) compute its Gram matrix once per step.
@@ -58,12 +72,23 @@ class UnsupportedLayerError(TypeError):
 
 @dataclass
 class DPSGDStepResult:
-    """What one private step released (on every rank): the clipped sum and noise are global (after the all-reduce)."""
+    """What one private step released (on every rank): the clipped sum and noise are global (after the all-reduce).
+
+    ``nonfinite`` is a NON-PRIVATE diagnostic: the number of this rank's examples whose per-example norm was NaN or
+    inf and that were given clip factor 0 (left out of the sum). It reveals something about the sampled records: it
+    is for the user's debugging only, never to be logged or released (like ``sq_norms``).
+
+    ``verified``: this step ran the first-step check (the hooks' ``Σ_i ∇_i`` against autograd's gradient) on finite
+    values and it passed. False when no check ran, or when it could not run (non-finite norms or gradient): the
+    strategy should then check again on its next step.
+    """
 
     num_examples: int  # examples on this rank
-    clipped_fraction: float  # fraction of this rank's examples with c_i < 1
+    clipped_fraction: float  # fraction of this rank's examples with c_i < 1 (non-finite ones included: c_i = 0)
     noise_std: float
-    sq_norms: Tensor | None = field(default=None, repr=False)  # this rank's per-example squared norms
+    sq_norms: Tensor | None = field(default=None, repr=False)  # this rank's per-example squared norms (not private)
+    nonfinite: int = field(default=0, repr=False)  # NOT private: see the class docstring
+    verified: bool = False
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -125,12 +150,16 @@ class _Use:
 
 
 class BookKeepingDPSGD:
-    """Per-example clipped, noised gradient of a module's trainable parameters from one backward pass.
+    """Per-example clipped, noised gradient of a module's trainable parameters from one backward pass (``"bk"``) or
+    from two backward passes stopped at the hooked outputs (``"ghost"``, see :class:`_GhostStep`).
+
+    An example with a non-finite per-example norm gets clip factor 0 and contributes exactly zero (module docstring).
 
     Args:
         module: the model (e.g. the LightningModule); every parameter with ``requires_grad`` is privatized.
         clip: C.
         verify_rtol: relative tolerance of the check in :meth:`_verify` (loose enough for bf16 autocast).
+        mode: ``"bk"`` or ``"ghost"``.
     """
 
     def __init__(self, module: nn.Module, clip: float, verify_rtol: float = 1e-2, mode: str = "bk") -> None:
@@ -179,13 +208,14 @@ class BookKeepingDPSGD:
         for n in self._sizes[:-1]:
             self._offsets.append(self._offsets[-1] + n)
         self.numel = sum(self._sizes)
+        self._slices = {id(p): (off, n) for p, off, n in zip(self.params, self._offsets, self._sizes)}
         self._uses: dict[int, list[_Use]] = {id(m): [] for _, m, _ in self._modules}
         self.capturing = False
         self.batch_size: int | None = None
         self._opacus_cache: dict[int, dict[Any, Tensor]] = {}
         self._info = {id(m): (name, kind) for name, m, kind in self._modules}
-        self._ghost: _GhostStep | None = None  # ghost mode: the norms streamed during the first backward
-        self._ghost_result: tuple[Tensor | None, Tensor | None] = (None, None)  # ghost mode: (c, ||∇_i||²)
+        self._ghost: _GhostStep | None = None  # ghost mode: the step whose backward passes are running
+        self._ghost_result: _GhostStep | None = None  # ghost mode: the finished step, read by private_sum
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in self._modules]
 
     # ------------------------------------------------------------------ hooks
@@ -199,6 +229,7 @@ class BookKeepingDPSGD:
             uses.clear()
         self._opacus_cache.clear()
         self._ghost = None
+        self._ghost_result = None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
         if not (self.capturing and torch.is_grad_enabled()):
@@ -232,7 +263,8 @@ class BookKeepingDPSGD:
         whose ``.grad`` is returned as the reference for :meth:`private_sum`'s check; otherwise
         :meth:`backward_to_outputs`). ``ghost``: a first backward (to the hooked outputs; with ``verify`` an
         ordinary one, checked here) streams every per-example norm and frees each output gradient at once, then a
-        second backward of ``Σ_i c_i ℓ_i`` leaves the clipped sum in ``.grad`` for :meth:`private_sum`.
+        second backward of ``Σ_i c_i ℓ_i``, also stopped at the hooked outputs, whose hooks add each use's
+        ``Σ_i c_i ∇_i`` into the flat buffer that :meth:`private_sum` noises (``.grad`` is never read).
         """
         total = losses.sum()
         if self.mode == "bk":
@@ -241,23 +273,24 @@ class BookKeepingDPSGD:
                 return None
             total.backward()
             return {id(p): p.grad for p in self.params if p.grad is not None}
-        batch = int(losses.shape[0])
-        ghost = self._ghost = _GhostStep(self, batch, losses.device, verify)
+        ghost = self._ghost = _GhostStep(self, int(losses.shape[0]), losses.device, verify)
         try:
+            # first pass: the norms (the graph, the hooked outputs' edges and the stored inputs are kept)
             if verify:
                 total.backward(retain_graph=True)
             else:
                 self.backward_to_outputs(total, retain_graph=True)
-            sq = ghost.finish()
+            ghost.finish()
             if verify:
                 ghost.verify({id(p): p.grad for p in self.params if p.grad is not None})
+            self.clear_grads()
+            # second pass: Σ_i c_i ℓ_i to the hooked outputs only; each output gradient carries c_i
+            ghost.start_sum()
+            self.backward_to_outputs((losses * ghost.coeffs.to(losses.dtype)).sum())
         finally:
             self._ghost = None
-        coeffs = clip_coefficients(sq, self.clip)
-        self.clear_grads()
         self.reset()
-        (losses * coeffs.to(losses.dtype)).sum().backward()  # hooks are idle: .grad <- Σ_i c_i ∇_i
-        self._ghost_result = (coeffs, sq)
+        self._ghost_result = ghost
         return None
 
     def backward_to_outputs(self, total: Tensor, retain_graph: bool = False) -> None:
@@ -266,16 +299,17 @@ class BookKeepingDPSGD:
         The output gradients ``g`` are all the book-keeping needs; autograd's own parameter gradients (one GEMM per
         linear layer, about a third of a training step's compute) are not computed and ``.grad`` is not touched.
         Use it once :meth:`_verify` has checked, on a step with an ordinary backward, that the hooks account for
-        every trainable parameter's gradient.
+        every trainable parameter's gradient. With ``retain_graph`` the edges are kept for another pass (ghost mode).
         """
         edges = [use.edge for uses in self._uses.values() for use in uses if use.edge is not None]
         if edges and total.requires_grad:
             # `backward` (not `grad`) with edges as inputs: it accumulates nowhere and captures nothing, so each
             # output gradient lives only as long as a hook keeps it (ghost mode keeps none)
             torch.autograd.backward(total, inputs=edges, retain_graph=retain_graph)
-        for uses in self._uses.values():
-            for use in uses:
-                use.edge = None
+        if not retain_graph:
+            for uses in self._uses.values():
+                for use in uses:
+                    use.edge = None
 
     # ------------------------------------------------------------------ per-example pieces
     def _check(self, name: str, module: nn.Module, use: _Use, batch: int) -> None:
@@ -340,11 +374,11 @@ class BookKeepingDPSGD:
 
         ``reference_grads`` (``id(p) -> autograd's gradient of Σ_i ℓ_i``): if given, check first that the hooks
         account for all of it (see :meth:`_verify`)."""
-        flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
         seed = secrets.randbits(63) if noise_std > 0 and collective.rank == 0 else None
         std = noise_std if seed is not None else 0.0
         if self.mode == "ghost":
-            return self._ghost_private_sum(flat, batch, noise_std, std, seed, collective, device)
+            return self._ghost_private_sum(batch, noise_std, std, seed, collective, device)
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
         sq = torch.zeros(batch, dtype=torch.float32, device=device)
         # plans[id(p)]: ("factors", a, g) | ("dense", G) | ("embedding", ids, g, padding_idx)
         plans: dict[int, tuple] = {}
@@ -388,32 +422,43 @@ class BookKeepingDPSGD:
                 sq += plans[id(p)][1].square().sum(1)
             del shared, factored
         coeffs = clip_coefficients(sq, self.clip) if batch > 0 else sq
-        if reference_grads is not None and batch > 0:
-            self._verify(plans, reference_grads, batch, device)
+        # an example whose norm is not finite (NaN/inf loss or input) has c_i = 0; as 0 · NaN = NaN, its rows of the
+        # factors / per-example gradients are also zeroed before the sum (a copy, made only when there is one)
+        bad = ~torch.isfinite(sq)
+        nonfinite = int(bad.sum())
+        verified = False
+        if reference_grads is not None and batch > 0 and not nonfinite:  # with a non-finite norm: check next step
+            verified = self._verify(plans, reference_grads, batch, device)
+        if nonfinite:
+            plans = {k: _drop_rows(plan, bad) for k, plan in plans.items()}
         for p, off, n in zip(self.params, self._offsets, self._sizes):
             _write(flat[off:off + n], p, plans.get(id(p)), coeffs, std, seed, off)
         collective.all_reduce_sum(flat)
         clipped = float((coeffs < 1).float().mean().item()) if batch > 0 else 0.0
         self.reset()
-        return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq)
+        return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq, nonfinite, verified)
 
-    def _ghost_private_sum(self, flat: Tensor, batch: int, noise_std: float, std: float, seed: int | None,
-                           collective: Collective, device: torch.device) -> tuple[Tensor, DPSGDStepResult]:
-        """Ghost mode: ``.grad`` holds ``Σ_i c_i ∇_i`` from :meth:`backward`; copy it into ``flat`` and add noise."""
-        coeffs, sq = self._ghost_result if batch > 0 else (None, torch.zeros(0, device=device))
-        self._ghost_result = (None, None)
+    def _ghost_private_sum(self, batch: int, noise_std: float, std: float, seed: int | None, collective: Collective,
+                           device: torch.device) -> tuple[Tensor, DPSGDStepResult]:
+        """Ghost mode: :meth:`backward`'s hooks wrote ``Σ_i c_i ∇_i`` into the step's flat buffer; add the noise."""
+        ghost, self._ghost_result = self._ghost_result, None
+        if batch > 0:
+            if ghost is None or ghost.batch != batch:
+                raise RuntimeError("DP-SGD ghost clipping: private_sum without a matching backward(losses)")
+            flat = ghost.flat.to(device)
+        else:
+            flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
         for p, off, n in zip(self.params, self._offsets, self._sizes):
-            out = flat[off:off + n]
-            if batch > 0 and p.grad is not None:
-                out.copy_(p.grad.reshape(-1))
-            _write(out, p, None, None, std, seed, off)
+            _write(flat[off:off + n], p, None, None, std, seed, off)
         self.clear_grads()
         collective.all_reduce_sum(flat)
-        clipped = float((coeffs < 1).float().mean().item()) if batch > 0 else 0.0
         self.reset()
-        return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq)
+        if batch == 0:
+            return flat, DPSGDStepResult(0, 0.0, float(noise_std), torch.zeros(0, device=device))
+        clipped = float((ghost.coeffs < 1).float().mean().item())
+        return flat, DPSGDStepResult(batch, clipped, float(noise_std), ghost.sq, ghost.nonfinite, ghost.verified)
 
-    def _verify(self, plans: dict[int, tuple], reference: dict[int, Tensor], batch: int, device: torch.device) -> None:
+    def _verify(self, plans: dict[int, tuple], reference: dict[int, Tensor], batch: int, device: torch.device) -> bool:
         """Σ_i ∇_i rebuilt from the hooks must equal autograd's gradient of Σ_i ℓ_i (catches parameters used
         outside the modules that own them, e.g. ``F.linear(x, emb.weight)``, whose per-example gradients would be
         wrong)."""
@@ -424,11 +469,16 @@ class BookKeepingDPSGD:
             _write(mine, p, plans.get(id(p)), ones, 0.0, None, 0)
             return mine
 
-        self._check_sums(rebuilt, reference)
+        return self._check_sums(rebuilt, reference)
 
-    def _check_sums(self, rebuilt: Any, reference: dict[int, Tensor]) -> None:
-        """Raise if ``rebuilt(p)`` (``Σ_i ∇_i`` from the hooks, flat fp32) differs from autograd's ``reference``."""
+    def _check_sums(self, rebuilt: Any, reference: dict[int, Tensor]) -> bool:
+        """Raise if ``rebuilt(p)`` (``Σ_i ∇_i`` from the hooks, flat fp32) differs from autograd's ``reference``.
+
+        Returns True when checked, False when it cannot be checked (``reference`` not finite: the caller checks again
+        on a later step). A comparison with NaN never passes."""
         refs = [g.detach().float().norm() for g in reference.values()]
+        if refs and not bool(torch.isfinite(torch.stack(refs)).all()):
+            return False
         # absolute floor: parameters whose gradient is zero up to rounding (e.g. attention key biases)
         floor = 1e-5 * float(torch.stack(refs).norm()) if refs else 0.0
         names = {id(p): n for n, p in self._named}
@@ -438,8 +488,10 @@ class BookKeepingDPSGD:
                 continue
             ref = ref.detach().float().reshape(-1)
             mine = rebuilt(p)
-            if float((mine - ref).norm()) > self.verify_rtol * (float(ref.norm()) + float(mine.norm())) + floor:
+            # `not <=`: a NaN difference fails the check (`NaN > tol` would be False)
+            if not float((mine - ref).norm()) <= self.verify_rtol * (float(ref.norm()) + float(mine.norm())) + floor:
                 raise _not_adding_up(names.get(id(p), tuple(p.shape)))
+        return True
 
     def _factored(self, kind: str, module: nn.Module, p: nn.Parameter, use: _Use) -> tuple | None:
         """The norm-without-instantiation plan of a singly used weight, or None (instantiate)."""
@@ -472,11 +524,13 @@ class BookKeepingDPSGD:
             p.grad = None
 
 
-def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: float, seed: int | None, off: int) -> None:
-    """``out <- Σ_i coeffs_i ∇_i + std · ξ`` for one parameter (``out`` is its zeroed slice of the flat buffer)."""
+def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: float, seed: int | None, off: int,
+           accumulate: bool = False) -> None:
+    """``out <- [out +] Σ_i coeffs_i ∇_i + std · ξ`` for one parameter (``out`` is its slice of the flat buffer,
+    zeroed unless ``accumulate``)."""
     if plan is not None and plan[0] != "embedding":
         src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
-        clip_and_noise_(out, src, coeffs, std, seed, off)
+        clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate)
         return
     if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
         _, ids, g, pad = plan
@@ -490,6 +544,20 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
 
 
+def _drop_rows(plan: tuple, bad: Tensor) -> tuple:
+    """``plan`` with the rows of the examples in ``bad`` (bool ``[B]``) set to exactly 0: new tensors, the stored
+    ones are autograd's (ghost mode's second backward still needs them)."""
+
+    def zero(x: Tensor) -> Tensor:
+        return x.masked_fill(bad.view(-1, *([1] * (x.dim() - 1))), 0)
+
+    if plan[0] == "factors":
+        return ("factors", zero(plan[1]), zero(plan[2]))
+    if plan[0] == "dense":
+        return ("dense", zero(plan[1]))
+    return ("embedding", plan[1], zero(plan[2]), plan[3])
+
+
 def _not_adding_up(name: Any) -> RuntimeError:
     return RuntimeError(
         f"DP-SGD: the per-example gradients of parameter {name!r} do not add up to its gradient: it is used outside "
@@ -500,20 +568,38 @@ def _not_adding_up(name: Any) -> RuntimeError:
 
 
 class _GhostStep:
-    """Ghost mode, one step: per-example squared norms streamed from the output gradients as backward produces
-    them; each output gradient (and the stored input) is dropped right after, so they never pile up.
+    """Ghost mode, one step, two backward passes whose output-gradient hooks do all the work.
 
-    Parameters used once take the norm-without-instantiation path (Gram / explicit for linear layers, token Gram
-    for embeddings) or, for small ones (biases, norms), an instantiated ``[B, *shape]`` gradient; parameters with
-    several uses (tied) accumulate instantiated per-example gradients, normed in :meth:`finish`. With ``verify``,
-    ``Σ_i ∇_i`` is also rebuilt per parameter (parameter-sized buffers) and checked against autograd's ``.grad``.
+    ``"norms"`` phase (first backward, of ``Σ_i ℓ_i``): per-example squared norms streamed from the output gradients
+    as backward produces them; each output gradient is dropped right after, so they never pile up. The stored inputs
+    ``a`` (the tensors autograd saved for its own backward, not copies) are kept for the second pass. Parameters used
+    once take the norm-without-instantiation path (Gram / explicit for linear layers, token Gram for embeddings) or,
+    for small ones (biases, norms), an instantiated ``[B, *shape]`` gradient; parameters with several uses (tied)
+    accumulate instantiated per-example gradients, normed in :meth:`finish`. With ``verify``, ``Σ_i ∇_i`` is also
+    rebuilt per parameter (parameter-sized buffers) and checked against autograd's ``.grad`` (:meth:`verify`).
+
+    ``"sum"`` phase (second backward, of ``Σ_i c_i ℓ_i``, stopped at the hooked outputs): each output gradient
+    already carries ``c_i``; its use's ``Σ_i c_i ∇_i`` is added at once into the parameter's slice of the flat fp32
+    buffer (book-keeping from ``(a, g)``; a tied parameter adds one such sum per use), then ``a`` and ``g`` are freed.
+    Autograd's parameter gradients are never computed, so a parameter used outside its module adds nothing there.
+
+    An example whose squared norm is not finite gets ``c_i = 0`` and its rows are zeroed before they enter the sum
+    (``0 · NaN = NaN``), only on steps that have one.
     """
 
     def __init__(self, mech: BookKeepingDPSGD, batch: int, device: torch.device, verify: bool) -> None:
         self.mech = mech
         self.batch = batch
+        self.phase = "norms"
         self.sq = torch.zeros(batch, dtype=torch.float32, device=device)
         self.device = device
+        self.verified = False
+        # set by start_sum: the clip factors, the rows to zero (None when all norms are finite), the output buffer
+        self.coeffs: Tensor | None = None
+        self.bad: Tensor | None = None
+        self.nonfinite = 0
+        self.flat: Tensor | None = None
+        self.ones: Tensor | None = None
         # parameters with several uses this step (a module called twice, or one parameter in several modules)
         count: dict[int, int] = {}
         for _, mod, _ in mech._modules:
@@ -557,6 +643,9 @@ class _GhostStep:
             raise RuntimeError(f"DP-SGD ghost clipping: the output of {name or '<root>'} received two gradients")
         use.g = g
         mech._check(name, module, use, self.batch)
+        if self.phase == "sum":
+            self._add_sum(module, kind, use)
+            return
         for p in module.parameters(recurse=False):
             if not p.requires_grad:
                 continue
@@ -581,7 +670,7 @@ class _GhostStep:
         if kind in ("linear", "conv1d") and use.a and isinstance(use.a[0], Tensor):
             self._release_input(use.a[0])
         mech._opacus_cache.pop(id(use), None)
-        use.a, use.g, use.edge = (), None, None
+        use.g = None  # the input `a` and the output's edge stay for the second pass
 
     def finish(self) -> Tensor:
         """The per-example squared norms over all parameters (after the first backward)."""
@@ -592,14 +681,47 @@ class _GhostStep:
                 self.sums[key] = flat.sum(0)
         self.dense.clear()
         self.grams.clear()
+        self.shared_left.clear()
         return self.sq
 
-    def verify(self, reference: dict[int, Tensor]) -> None:
-        """``Σ_i ∇_i`` rebuilt from the hooks must equal autograd's gradient (see ``BookKeepingDPSGD._verify``)."""
+    def verify(self, reference: dict[int, Tensor]) -> bool:
+        """``Σ_i ∇_i`` rebuilt from the hooks must equal autograd's gradient (see ``BookKeepingDPSGD._verify``).
+
+        Sets and returns :attr:`verified`: False without a check when a norm or the reference is not finite."""
         assert self.sums is not None
         sums = self.sums
-        self.mech._check_sums(lambda p: sums.get(id(p), torch.zeros(p.numel(), device=self.device)), reference)
         self.sums = None
+        if bool(torch.isfinite(self.sq).all()):  # else: not checkable this step (verified stays False)
+            self.verified = self.mech._check_sums(
+                lambda p: sums.get(id(p), torch.zeros(p.numel(), device=self.device)), reference
+            )
+        return self.verified
+
+    def start_sum(self) -> None:
+        """Clip factors from the norms; the hooks of the next backward add ``Σ_i c_i ∇_i`` into :attr:`flat`."""
+        self.coeffs = clip_coefficients(self.sq, self.mech.clip)
+        bad = ~torch.isfinite(self.sq)
+        self.nonfinite = int(bad.sum())
+        self.bad = bad if self.nonfinite else None
+        self.flat = torch.zeros(self.mech.numel, dtype=torch.float32, device=self.device)
+        self.ones = torch.ones(self.batch, dtype=torch.float32, device=self.device)
+        self.phase = "sum"
+
+    def _add_sum(self, module: nn.Module, kind: str, use: _Use) -> None:
+        """Sum phase: ``flat[p] += Σ_i ∇_i`` of this use, from ``(a, g)`` where ``g`` already carries ``c_i``."""
+        mech = self.mech
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            plan = mech._factored(kind, module, p, use)
+            if plan is None:  # biases, norms, Opacus layers: instantiated (small), then summed
+                plan = ("dense", mech._dense(kind, module, use, p).reshape(self.batch, -1).contiguous())
+            if self.bad is not None:
+                plan = _drop_rows(plan, self.bad)
+            off, n = mech._slices[id(p)]
+            _write(self.flat[off:off + n], p, plan, self.ones, 0.0, None, off, accumulate=True)
+        mech._opacus_cache.pop(id(use), None)
+        use.a, use.g, use.edge = (), None, None
 
 
 class _SharedInputGrams:

@@ -68,6 +68,7 @@ PLACEMENTS = ("local", "distributed")
 _CLIENT_DOMAIN = 0xC11E  # separates the client-sampling stream from the others derived from the same seed
 _BATCH_DOMAIN = 0xBA7C
 _SPLIT_DOMAIN = 0x5B11
+_MAX_COUNT_RECORDS = 4096
 
 
 def is_lora_name(name: str) -> bool:
@@ -166,6 +167,11 @@ class FederatedBatchSampler(Sampler[list[int]]):
 
     One pass (an epoch) is one round. Batches are keyed by (secret seed, client, the client's local step), so a
     prefetched batch never depends on training state.
+
+    The sampler records how many examples each batch it yielded holds, keyed by global step (:meth:`pop_count`):
+    the strategy checks per-example losses against that number, not against tensor shapes. The sampler runs in the
+    main process (also with DataLoader workers), so the record is there when the step trains. The counts are
+    non-private (they reveal the client sampling): they never leave the strategy.
     """
 
     def __init__(
@@ -187,9 +193,18 @@ class FederatedBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.poisson = bool(poisson)
         self.step_source = step_source
+        self._counts: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.schedule.steps_per_round
+
+    def pop_count(self, global_step: int) -> int | None:
+        """The number of examples of the batch yielded for ``global_step`` (``None`` if none was yielded); records
+        of earlier steps are dropped."""
+        count = self._counts.pop(int(global_step), None)
+        for old in [k for k in self._counts if k < global_step]:
+            del self._counts[old]
+        return count
 
     def batch_at(self, global_step: int) -> list[int]:
         round_index, slot, local = self.schedule.position(global_step)
@@ -204,7 +219,11 @@ class FederatedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         start = self.step_source()
         for k in range(len(self)):
-            yield self.batch_at(start + k)
+            batch = self.batch_at(start + k)
+            self._counts[start + k] = len(batch)
+            if len(self._counts) > _MAX_COUNT_RECORDS:  # batches prefetched but never trained on
+                del self._counts[min(self._counts)]
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------- the adapters
@@ -240,7 +259,13 @@ class AdapterVector:
 # ---------------------------------------------------------------------------------------------- privatization
 @dataclass
 class ClientUpload:
-    """What one client did in one round (kept on its own rank; the norms never leave it)."""
+    """What one client did in one round: a NON-PRIVATE diagnostic, kept on the client's own rank.
+
+    Every field but ``noise_std`` is a statistic of the client's data or of the secret client sampling
+    (``sampled``, ``shard_size``, and above all the norms ``update_norm`` / ``clipped_norm`` of the raw update).
+    Never log, report or save them: they are not covered by the privacy guarantee. The strategy keeps them in its
+    private ``_round_log`` for tests and debugging only.
+    """
 
     round_index: int
     client: int
@@ -263,8 +288,14 @@ def client_noise_std(noise_multiplier: float, clip: float, num_clients: int, pla
 
 def clip_update(delta: Tensor, clip: float) -> tuple[Tensor, float]:
     """``delta · min(1, C / (||delta|| + 1e-6))`` (all tensors jointly: ``delta`` is the flat update) and the norm
-    before clipping (computed in float64)."""
+    before clipping (computed in float64).
+
+    An update whose norm is not finite (a NaN or inf anywhere, e.g. a client whose local training diverged or whose
+    data holds a NaN) gets clip factor 0 and comes back as exact zeros (``0 · NaN`` would be NaN and poison the sum
+    of the uploads, and with it the global adapters). The returned norm is then NaN or inf: the caller can tell."""
     norm = float(delta.double().norm())
+    if not math.isfinite(norm):
+        return torch.zeros_like(delta), norm
     factor = min(1.0, float(clip) / (norm + 1e-6))
     return delta * factor, norm
 
@@ -280,10 +311,11 @@ def privatize_upload(
     shard_size: int = 0,
 ) -> tuple[Tensor, ClientUpload]:
     """The upload of one client: ``clip(Δ) + N(0, noise_std²)`` if it took part in the round, else the noise alone
-    (see the module docstring for why a client that did not take part still uploads noise)."""
+    (see the module docstring for why a client that did not take part still uploads noise). A non-finite update
+    contributes nothing but the noise (:func:`clip_update`); ``ClientUpload.update_norm`` is then not finite."""
     if participates:
         upload, norm = clip_update(delta.float(), clip)
-        clipped = float(upload.double().norm())
+        clipped = float(upload.double().norm()) if math.isfinite(norm) else 0.0
     else:
         upload, norm, clipped = torch.zeros(delta.numel(), dtype=torch.float32, device=delta.device), 0.0, 0.0
     if noise_std > 0:

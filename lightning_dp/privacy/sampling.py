@@ -7,8 +7,15 @@ mask is drawn from a secret seed shared by all ranks and keyed by the step numbe
 - every rank yields exactly ``steps_per_epoch`` batches per epoch, empty ones included (an empty batch is a
   valid outcome of Poisson sampling and is never skipped, or ranks would fall out of step and the accounting
   would be wrong);
-- the mask of a step depends on (seed, step) only, so a resumed run draws fresh, independent masks for the steps
-  it has not taken yet and never replays a mask already used.
+- the mask of a step depends on (seed, key) only. The strategy keys masks by the number of optimizer steps taken
+  before (across epochs, restarts and fits of the same strategy: one batch is one step, which the strategies
+  enforce), and draws a fresh secret seed for every fit and every resume, so no mask is ever used twice;
+- the sampler records how many examples each batch it yielded holds (:meth:`PoissonBatchSampler.pop_size`), so the
+  strategy checks the per-example losses against the number of *sampled* examples, not against tensor shapes.
+
+With ``poisson_sampling=False`` the user's batch sampler is kept and wrapped in :class:`OncePerPassBatchSampler`,
+which verifies while it runs that no example appears twice in one pass (the assumption of the accounting without
+amplification) and records batch sizes the same way.
 
 An empty batch is passed to the model as an :class:`EmptyBatch` instance (the user's ``collate_fn`` is not called
 on an empty list; DP strategies skip the forward for it and contribute nothing but still join the collectives).
@@ -24,9 +31,30 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from custom_kernels.zo_perturb import mix_seed
 
-__all__ = ["EmptyBatch", "PoissonBatchSampler", "poisson_dataloader", "is_empty_batch"]
+__all__ = ["EmptyBatch", "OncePerPassBatchSampler", "PoissonBatchSampler", "poisson_dataloader", "is_empty_batch"]
 
 _MASK_DOMAIN = 0x5A3D  # separates the sampling stream from any other stream derived from the same integers
+_MAX_RECORDS = 4096  # batch sizes kept for batches yielded ahead of training (prefetch); older ones are dropped
+
+
+class _SizeRecords:
+    """``key -> (number of examples, pass)`` of the batches a sampler yielded, popped by the strategy when it trains
+    on the batch of that key (the sampler runs in the main process, also with worker processes)."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, tuple[int, int]] = {}
+
+    def record(self, key: int, size: int, pass_index: int) -> None:
+        self._records[key] = (size, pass_index)
+        if len(self._records) > _MAX_RECORDS:
+            del self._records[min(self._records)]
+
+    def pop(self, key: int) -> tuple[int, int] | None:
+        """The record of ``key`` (``None`` if the sampler never yielded it); older records are dropped."""
+        found = self._records.pop(key, None)
+        for old in [k for k in self._records if k < key]:
+            del self._records[old]
+        return found
 
 
 class EmptyBatch:
@@ -52,8 +80,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps_per_epoch: how many batches one pass over the sampler yields (``len(sampler)``).
         seed: the secret sampling seed, identical on all ranks.
         rank, world_size: this rank's shard of the global sample.
-        step_source: returns the global step at which iteration starts (the strategy passes the Trainer's
-            ``global_step``); without it the sampler keeps its own counter.
+        step_source: returns the key of the first batch of an iteration (the strategy passes the number of
+            optimizer steps taken so far, see the module docstring); without it the sampler keeps its own counter.
     """
 
     def __init__(
@@ -82,9 +110,15 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.step_source = step_source
         self._next_step = 0
+        self._sizes = _SizeRecords()
+        self._passes = 0
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def pop_size(self, key: int) -> tuple[int, int] | None:
+        """``(examples in this rank's batch of key, pass index)`` of a yielded batch, or ``None``."""
+        return self._sizes.pop(key)
 
     def global_indices(self, step: int) -> torch.Tensor:
         """The global Poisson sample of ``step`` (sorted example indices), identical on every rank."""
@@ -95,9 +129,73 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self.step_source() if self.step_source is not None else self._next_step
+        self._passes += 1
         for k in range(self.steps_per_epoch):
             self._next_step = start + k + 1
-            yield self.global_indices(start + k)[self.rank :: self.world_size].tolist()
+            batch = self.global_indices(start + k)[self.rank :: self.world_size].tolist()
+            self._sizes.record(start + k, len(batch), self._passes)
+            yield batch
+
+
+class OncePerPassBatchSampler(Sampler[list[int]]):
+    """The user's batch sampler, unchanged, verified to use every example at most once per pass.
+
+    ``poisson_sampling=False`` accounts each pass over the data (an iteration of this sampler, normally an epoch) as
+    one Gaussian release without amplification by sampling: that holds only if no example appears in two batches of
+    one pass. This wrapper checks it on the indices as they are yielded and raises before the offending batch
+    reaches the model. It also records each batch's size and pass (see :class:`PoissonBatchSampler`).
+
+    Args:
+        batch_sampler: the DataLoader's batch sampler (lists of dataset indices).
+        num_samples: N, the training set size.
+        step_source: returns the key of the first batch of an iteration.
+        error: the exception type raised when an example repeats within a pass.
+    """
+
+    def __init__(
+        self,
+        batch_sampler: Any,
+        num_samples: int,
+        step_source: Callable[[], int],
+        error: type[Exception] = ValueError,
+    ) -> None:
+        self.batch_sampler = batch_sampler
+        self.num_samples = int(num_samples)
+        self.step_source = step_source
+        self.error = error
+        self._sizes = _SizeRecords()
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def pop_size(self, key: int) -> tuple[int, int] | None:
+        return self._sizes.pop(key)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.step_source()
+        self._passes += 1
+        seen = torch.zeros(self.num_samples, dtype=torch.bool)
+        for k, batch in enumerate(self.batch_sampler):
+            batch = list(batch)
+            try:
+                idx = torch.as_tensor(batch, dtype=torch.long).reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise self.error(
+                    f"poisson_sampling=False needs batches of integer dataset indices, got {batch[:4]!r}..."
+                ) from err
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+                raise self.error(f"the batch sampler yielded an index outside the dataset of {self.num_samples}")
+            if bool(seen[idx].any()) or idx.unique().numel() != idx.numel():
+                raise self.error(
+                    f"{type(self.batch_sampler).__name__} yielded an example twice within one pass over the data "
+                    "(sampling with replacement, or an oversampling sampler). poisson_sampling=False accounts each "
+                    "pass as one release in which every example appears at most once: use a sampler without "
+                    "replacement, or Poisson sampling (the default)."
+                )
+            seen[idx] = True
+            self._sizes.record(start + k, len(batch), self._passes)
+            yield batch
 
 
 class _CollateWithEmpty:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import secrets
-import warnings
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,9 +22,21 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
+from lightning_dp.errors import UnsafeSettingError
+from lightning_dp.mechanisms.buffers import BufferSnapshot, data_dependent_buffer_modules, describe_buffer_modules
 from lightning_dp.mechanisms.collective import Collective, default_collective
+from lightning_dp.mechanisms.per_sample import PerSampleLossError
 from lightning_dp.mechanisms.noise import GaussianNoise
 from lightning_dp.privacy.accounting import (
     PrivacyAccountant,
@@ -33,8 +45,10 @@ from lightning_dp.privacy.accounting import (
     validate_privacy_args,
 )
 from lightning_dp.privacy.sampling import (
+    OncePerPassBatchSampler,
     PoissonBatchSampler,
     dataset_size,
+    is_empty_batch,
     loader_batch_size,
     poisson_dataloader,
 )
@@ -42,10 +56,6 @@ from lightning_dp.privacy.sampling import (
 __all__ = ["DPStrategyBase", "UnsafeSettingError"]
 
 _CHECKPOINT_KEY = "lightning_dp"
-
-
-class UnsafeSettingError(ValueError):
-    """A Trainer or strategy setting that would silently break the privacy guarantee or its accounting."""
 
 
 class DPStrategyBase(DDPStrategy):
@@ -58,10 +68,18 @@ class DPStrategyBase(DDPStrategy):
         clip: C, the bound on each example's contribution.
         accountant: ``"prv"`` (default, tight) or ``"rdp"``, both from Opacus.
         poisson_sampling: draw each step's batch by Poisson sampling with rate ``q = batch_size * world_size / N``
-            (default). ``False`` keeps your DataLoader, with a warning: the accounting assumes Poisson sampling.
+            (default; any sampler of your DataLoader is replaced, with a warning naming it if it is not the
+            default one). ``False`` keeps your DataLoader's batches and accounts WITHOUT amplification by sampling:
+            each pass over the data (an epoch) is one Gaussian release in which every example appears at most once
+            (verified as the batches are drawn; samplers with replacement are refused). Much weaker than Poisson
+            sampling at the same σ, but it also trains an ``IterableDataset`` (give ``delta`` and ``max_epochs``;
+            that every example appears at most once per epoch is then your stream's promise, not checked).
         seed: seed of the public randomness of the method (e.g. ZO directions); drawn from OS entropy and shared by
             all ranks if ``None``. Saved in checkpoints.
-        sampling_seed: seed of the Poisson masks. Leave ``None`` (secret, from OS entropy) except for tests.
+        sampling_seed: seed of the Poisson masks. Leave ``None``: a secret seed is drawn from OS entropy for every
+            fit and every resume, and is never saved (whoever knew it could rebuild every step's batch, and the
+            amplification by sampling would be void against them). A seed you pass (tests, paired comparisons) IS
+            saved in checkpoints: never release such a checkpoint.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g. ``start_method``,
             ``process_group_backend``, ``timeout``).
     """
@@ -69,9 +87,11 @@ class DPStrategyBase(DDPStrategy):
     mechanism_name = "dp"
 
     releases_per_step = 1
-    """Releases of the sampled Gaussian mechanism per optimizer step, all on the same Poisson batch (e.g. DPZero's
-    ``num_directions``). Each is one composition: σ is calibrated for ``planned_steps * releases_per_step``
-    compositions and the accountant records that many per step."""
+    """Releases of one optimizer step, all computed on the same Poisson batch (e.g. DPZero's ``num_directions`` = k).
+    Together they are ONE Gaussian mechanism: the vector of the k clipped releases has ℓ2 sensitivity √k·C and noise
+    σ·C per entry, i.e. one sampled Gaussian step with noise multiplier σ/√k (:attr:`effective_noise_multiplier`).
+    σ is calibrated as √k times the σ that T single-release steps would need, and one step is recorded per optimizer
+    step at σ/√k."""
 
     def __init__(
         self,
@@ -99,13 +119,26 @@ class DPStrategyBase(DDPStrategy):
         self.poisson_sampling = bool(poisson_sampling)
         self.seed = None if seed is None else int(seed)
         self.sampling_seed = None if sampling_seed is None else int(sampling_seed)
+        self._sampling_seed_given = sampling_seed is not None  # only a seed the user chose is ever saved
         self.sample_rate: float | None = None
         self.expected_batch_size: float | None = None
         self.dataset_size: int | None = None
         self.planned_steps: int | None = None
+        self.planned_passes: int | None = None  # poisson_sampling=False: planned passes over the data
+        self.steps_taken = 0  # optimizer steps accounted, over every fit and resume of this run
         self._collective: Collective | None = None
         self._noise: GaussianNoise | None = None
         self._restored: dict[str, Any] | None = None
+        # per fit
+        self._mask_offset: int | None = None
+        self._train_sampler: PoissonBatchSampler | OncePerPassBatchSampler | None = None
+        self._steps_per_pass: float | None = None
+        self._step_pass: Any = None  # the pass (epoch) of the batch of the current step
+        self._accounted_pass: Any = None
+        self._steps_in_pass = 0
+        self._buffer_snapshot: BufferSnapshot | None = None
+        self._snapshot_pending = True
+        self._last_closure: weakref.ref | None = None
 
     # ------------------------------------------------------------------ host: DDP without the wrapper
     def setup_distributed(self) -> None:
@@ -134,9 +167,28 @@ class DPStrategyBase(DDPStrategy):
         restored = self._restored or {}
         seed = restored.get("seed", self.seed)
         self.seed = int(self.broadcast(secrets.randbits(62) if seed is None else seed))
-        sampling_seed = restored.get("sampling_seed", self.sampling_seed)
-        self.sampling_seed = int(self.broadcast(secrets.randbits(62) if sampling_seed is None else sampling_seed))
+        self._draw_sampling_seed(restored)
+        self._mask_offset = None
+        self._train_sampler = None
+        self._accounted_pass = None
+        self._step_pass = None
+        self._steps_in_pass = 0
+        self._snapshot_pending = True
+        self._last_closure = None
+        if "steps_taken" in restored:
+            self.steps_taken = int(restored["steps_taken"])
         self.setup_mechanism(trainer)
+
+    def _draw_sampling_seed(self, restored: Mapping[str, Any]) -> None:
+        """The seed of the sampling masks: the user's (or a checkpoint's copy of the user's), else a fresh secret
+        seed from OS entropy for every fit and every resume (masks are keyed by step, so the masks of a resumed run
+        are independent of the ones already used)."""
+        if restored.get("sampling_seed") is not None:
+            self.sampling_seed, self._sampling_seed_given = int(restored["sampling_seed"]), True
+        elif not self._sampling_seed_given:
+            self.sampling_seed = None
+        seed = self.sampling_seed
+        self.sampling_seed = int(self.broadcast(secrets.randbits(62) if seed is None else seed))
 
     def setup_mechanism(self, trainer: Any) -> None:  # pragma: no cover - overridden
         """Build the method's mechanism once the model and optimizers are on their device."""
@@ -155,6 +207,15 @@ class DPStrategyBase(DDPStrategy):
                 "micro-batch is a separate data access that the accountant would not see (ε under-reported). Use a "
                 "larger `batch_size` instead."
             )
+        from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, GradientAccumulationScheduler) and any(f != 1 for f in cb.scheduling.values()):
+                raise UnsafeSettingError(
+                    f"GradientAccumulationScheduler({cb.scheduling}) would accumulate micro-batches later in the run; "
+                    f"{name} releases once per batch and accounts one step per optimizer step. Remove it and use a "
+                    "larger `batch_size`."
+                )
         if trainer.gradient_clip_val not in (None, 0, 0.0):
             raise UnsafeSettingError(
                 f"`gradient_clip_val={trainer.gradient_clip_val}` does not bound per-example contributions and "
@@ -167,6 +228,114 @@ class DPStrategyBase(DDPStrategy):
                 f"{name} supports `precision='32-true'` and `'bf16-mixed'`."
             )
 
+    def _refuse_data_dependent_buffers(self, module: torch.nn.Module, why: str) -> None:
+        """Normalization layers that keep running statistics of the training data (BatchNorm, InstanceNorm with
+        ``track_running_stats``) write an un-noised statistic of each batch into the saved model."""
+        found = data_dependent_buffer_modules(module, train_mode_only=False)
+        if found:
+            raise UnsafeSettingError(
+                f"{type(self).__name__}: {describe_buffer_modules(found)} update running statistics (buffers saved "
+                f"with the model) from the training data, which no mechanism privatizes ({why}). Replace them "
+                "(BatchNorm -> GroupNorm/LayerNorm, e.g. `opacus.validators.ModuleValidator.fix(model)`) or pass "
+                "`track_running_stats=False`."
+            )
+
+    def _check_step_invariants(self, trainer: Any) -> None:
+        """What a callback or Lightning may change after setup, checked at the start of every training step, before
+        anything is released: gradient accumulation (e.g. ``GradientAccumulationScheduler``) and the number of
+        training dataloaders."""
+        name = type(self).__name__
+        if trainer.accumulate_grad_batches != 1:
+            raise UnsafeSettingError(
+                f"`accumulate_grad_batches` became {trainer.accumulate_grad_batches} during training (e.g. a "
+                f"GradientAccumulationScheduler): {name} releases once per batch and accounts one step per optimizer "
+                "step, so accumulated micro-batches would be releases the accountant never sees. Remove the "
+                "accumulation and use a larger `batch_size`."
+            )
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        if combined is not None and len(combined.flattened) != 1:
+            raise UnsafeSettingError(
+                f"{name} trains on exactly one training dataloader (its sample rate is what the accountant "
+                f"composes); got {len(combined.flattened)}. Concatenate the datasets into one DataLoader."
+            )
+
+    def _begin_step(self, trainer: Any, batch: Any) -> int:
+        """Start of every training step, before any forward: the per-step invariants, the buffer snapshot of the
+        first step, and the number of examples the sampler selected for this step's batch (which the per-example
+        losses must match; 0 for an empty batch)."""
+        self._check_step_invariants(trainer)
+        if self._snapshot_pending:
+            self._buffer_snapshot = BufferSnapshot(self.lightning_module)
+        record = None
+        if self._train_sampler is not None and self._mask_offset is not None:
+            record = self._train_sampler.pop_size(self._mask_offset + trainer.global_step)
+        if record is not None:
+            size, self._step_pass = record
+            if is_empty_batch(batch) != (size == 0):
+                raise RuntimeError(f"internal error: the sampler selected {size} examples for this step's batch")
+            return size
+        # no sampler record (an IterableDataset with poisson_sampling=False): the batch's own tensors must agree
+        self._step_pass = ("epoch", trainer.current_epoch)
+        if is_empty_batch(batch):
+            return 0
+        size = _batch_size(batch)
+        if size is None:
+            raise PerSampleLossError(
+                "cannot tell how many examples this batch holds: its tensors disagree on dim 0, so per-example "
+                "losses could not be checked against the number of examples (per-token losses would be clipped per "
+                "token). Make every tensor of the batch batch-first, or use a map-style dataset."
+            )
+        return size
+
+    def _end_forward(self) -> None:
+        """After the forward pass(es) of a step and before its release: on the first step of a fit, refuse any
+        buffer the forward changed (a statistic of the training data that would be saved un-noised)."""
+        if self._buffer_snapshot is None:
+            return
+        snapshot, self._buffer_snapshot = self._buffer_snapshot, None
+        self._snapshot_pending = False
+        changed = snapshot.changed()
+        if changed:
+            snapshot.restore()  # a checkpoint written on the exception must not carry them
+            raise UnsafeSettingError(
+                f"{type(self).__name__}: the forward pass of `training_step` changed the buffer(s) "
+                f"{', '.join(changed)}: a statistic of the training data that no mechanism privatizes and that "
+                "checkpoints would carry. Do not write buffers from training data (BatchNorm -> GroupNorm, "
+                "`track_running_stats=False`), or keep those modules in eval mode."
+            )
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        return super().optimizer_step(optimizer, self._once_per_step(closure), model, **kwargs)
+
+    def _once_per_step(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """The training closure, allowed to run once: every run is a release of the same batch (an optimizer that
+        evaluates the closure several times, LBFGS or SAM-style, or a user ``optimizer_step`` that steps twice
+        would release several gradients of one batch, which the accountant would count as independent steps)."""
+        if self._last_closure is not None and self._last_closure() is closure:
+            raise UnsafeSettingError(
+                f"{type(self).__name__}: `optimizer.step(closure)` was called a second time for the same batch (a "
+                "custom `optimizer_step`?): each call would release another private gradient of that batch. Step "
+                "once per batch."
+            )
+        try:
+            self._last_closure = weakref.ref(closure)
+        except TypeError:  # pragma: no cover - a closure that cannot be weakly referenced
+            self._last_closure = None
+        calls = 0
+
+        def closure_once() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise UnsafeSettingError(
+                    f"{type(self).__name__}: the optimizer evaluated the training closure more than once in one step "
+                    "(e.g. LBFGS, SAM): each evaluation releases a private gradient of the same batch. Use an "
+                    "optimizer that evaluates it once (SGD, Adam, AdamW, ...)."
+                )
+            return closure()
+
+        return closure_once
+
     # ------------------------------------------------------------------ data: Poisson sampling + calibration
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
@@ -176,11 +345,20 @@ class DPStrategyBase(DDPStrategy):
             raise TypeError(
                 f"{type(self).__name__} needs a torch DataLoader for training, got {type(dataloader).__name__}"
             )
-        num_samples = dataset_size(dataloader)
+        if self._mask_offset is None:
+            # masks are keyed by the optimizer steps taken before (this run, earlier fits, before a resume)
+            self._mask_offset = self.steps_taken - trainer.global_step
         batch_size = loader_batch_size(dataloader)
+        self._same_on_every_rank("the per-rank batch size", batch_size)
         expected = float(batch_size * self.world_size)
+        if not self.poisson_sampling and isinstance(dataloader.dataset, IterableDataset):
+            return self._process_iterable(trainer, dataloader, expected)
+        num_samples = dataset_size(dataloader)
+        self._same_on_every_rank("the training set size N", num_samples)
         sample_rate = min(1.0, expected / num_samples)
+        step_source = lambda: self._mask_offset + trainer.global_step  # noqa: E731
         if self.poisson_sampling:
+            self._warn_replaced_sampler(dataloader)
             steps_per_epoch = max(1, math.ceil(num_samples / expected))
             sampler = PoissonBatchSampler(
                 num_samples,
@@ -189,72 +367,208 @@ class DPStrategyBase(DDPStrategy):
                 seed=self.sampling_seed,
                 rank=self.global_rank,
                 world_size=self.world_size,
-                step_source=lambda: trainer.global_step,
+                step_source=step_source,
             )
-            dataloader = poisson_dataloader(dataloader, sampler)
         else:
-            steps_per_epoch = len(dataloader)
-            warnings.warn(
-                f"{type(self).__name__}(poisson_sampling=False): your DataLoader's batches are used as they are, "
-                f"but ε is accounted as for Poisson sampling at rate q={sample_rate:.4g}. Shuffled fixed-size "
-                "batches are not covered by that analysis.",
-                UserWarning,
-                stacklevel=2,
+            self._check_sampler_without_replacement(dataloader, num_samples)
+            sampler = OncePerPassBatchSampler(
+                dataloader.batch_sampler, num_samples, step_source, error=UnsafeSettingError
             )
+            steps_per_epoch = len(dataloader)
+        self._train_sampler = sampler
+        dataloader = poisson_dataloader(dataloader, sampler)
         self._configure_privacy(trainer, num_samples, sample_rate, sample_rate * num_samples, steps_per_epoch)
         return dataloader
 
-    def _planned_steps(self, trainer: Any, steps_per_epoch: int) -> int | None:
-        per_epoch = _parse_num_batches(RunningStage.TRAINING, steps_per_epoch, trainer.limit_train_batches)
-        per_epoch = int(per_epoch) if math.isfinite(per_epoch) else steps_per_epoch
+    def _process_iterable(self, trainer: Any, dataloader: DataLoader, expected: float) -> DataLoader:
+        """``poisson_sampling=False`` with an ``IterableDataset``: N is unknown, each epoch is one release."""
+        name = type(self).__name__
+        if self.delta is None:
+            raise UnsafeSettingError(
+                f"{name}(poisson_sampling=False) on an IterableDataset: the training set size is unknown, so the "
+                "default δ = 1/N^1.1 cannot be chosen. Pass `delta=` (well below 1/N)."
+            )
+        rank_zero_warn(
+            f"{name}(poisson_sampling=False) trains on an IterableDataset ({type(dataloader.dataset).__name__}): each "
+            "epoch is accounted as one Gaussian release, which holds only if every example appears at most once per "
+            "epoch over all ranks. That cannot be checked on a stream: it is your dataset's promise.",
+        )
+        self._train_sampler = None
+        steps = getattr(dataloader, "__len__", None)
+        try:
+            steps_per_epoch = len(dataloader) if steps is not None else None
+        except TypeError:
+            steps_per_epoch = None
+        self._configure_privacy(trainer, None, None, expected, steps_per_epoch)
+        return dataloader
+
+    def _warn_replaced_sampler(self, dataloader: DataLoader) -> None:
+        sampler, batch_sampler = _user_sampler(dataloader.sampler), dataloader.batch_sampler
+        custom = []
+        if type(sampler) not in (SequentialSampler, RandomSampler, DistributedSampler) or (
+            isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None)
+        ):
+            custom.append(f"sampler {type(sampler).__name__}")
+        if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+            custom.append(f"batch sampler {type(batch_sampler).__name__}")
+        if custom:
+            rank_zero_warn(
+                f"{type(self).__name__}: your DataLoader's {' and '.join(custom)} is replaced by Poisson sampling "
+                "(each example joins each step's batch independently with probability q), which the privacy "
+                "accounting requires. Pass `poisson_sampling=False` to keep it (accounted without amplification)."
+            )
+
+    def _check_sampler_without_replacement(self, dataloader: DataLoader, num_samples: int) -> None:
+        name = type(self).__name__
+        sampler = _user_sampler(dataloader.sampler)
+        if isinstance(sampler, WeightedRandomSampler) and sampler.replacement or (
+            isinstance(sampler, RandomSampler) and sampler.replacement
+        ):
+            raise UnsafeSettingError(
+                f"{name}(poisson_sampling=False): {type(sampler).__name__}(replacement=True) draws examples with "
+                "replacement, so one example can appear several times per epoch; the accounting without "
+                "amplification assumes at most once. Use a sampler without replacement or Poisson sampling."
+            )
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last and sampler.total_size > num_samples:
+            raise UnsafeSettingError(
+                f"{name}(poisson_sampling=False): the DistributedSampler pads the {num_samples} examples to "
+                f"{sampler.total_size} by repeating some of them on other ranks, so they would appear twice per "
+                "epoch. Use a training set size divisible by the number of devices, or Poisson sampling."
+            )
+
+    def _same_on_every_rank(self, what: str, value: int) -> None:
+        """Raise on every rank (never on one alone, which would hang the others) if ``value`` differs across ranks."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or self.world_size <= 1:
+            return
+        t = torch.tensor([float(value), -float(value)], dtype=torch.float64, device=self.root_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        high, low = float(t[0]), -float(t[1])
+        if high != low:
+            raise UnsafeSettingError(
+                f"{type(self).__name__}: {what} differs across ranks (from {low:g} to {high:g}); every rank must hold "
+                "the same training set and batch size (the sample rate q is computed from them)."
+            )
+
+    def _planned_steps(self, trainer: Any, steps_per_epoch: int | None) -> int | None:
         max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
         bounds = []
         if max_steps is not None and max_steps >= 0:
             bounds.append(max_steps)
         if max_epochs is not None and max_epochs >= 0 and not (max_epochs == 1000 and max_steps == -1):
-            bounds.append(max_epochs * per_epoch)
+            if steps_per_epoch is None:
+                return None
+            bounds.append(max_epochs * self._limited_steps_per_epoch(trainer, steps_per_epoch))
         return min(bounds) if bounds else None
 
+    @staticmethod
+    def _limited_steps_per_epoch(trainer: Any, steps_per_epoch: int) -> int:
+        per_epoch = _parse_num_batches(RunningStage.TRAINING, steps_per_epoch, trainer.limit_train_batches)
+        return int(per_epoch) if math.isfinite(per_epoch) else steps_per_epoch
+
+    def _planned_releases(self, trainer: Any, steps_per_epoch: int | None) -> int | None:
+        """Compositions the run will make: one per step (Poisson sampling), or one per pass over the data."""
+        if self.poisson_sampling:
+            return self.planned_steps
+        max_epochs = trainer.max_epochs
+        epochs = None
+        if max_epochs is not None and max_epochs >= 0 and not (max_epochs == 1000 and trainer.max_steps == -1):
+            epochs = max_epochs
+        if steps_per_epoch is not None and self.planned_steps is not None:
+            per_epoch = self._limited_steps_per_epoch(trainer, steps_per_epoch)
+            by_steps = math.ceil(self.planned_steps / max(1, per_epoch))
+            epochs = by_steps if epochs is None else min(epochs, by_steps)
+        self.planned_passes = epochs
+        return epochs
+
     def _configure_privacy(
-        self, trainer: Any, num_samples: int, sample_rate: float, expected_batch_size: float, steps_per_epoch: int
+        self,
+        trainer: Any,
+        num_samples: int | None,
+        sample_rate: float | None,
+        expected_batch_size: float,
+        steps_per_epoch: int | None,
     ) -> None:
         restored = self._restored or {}
-        if restored and abs(restored["sample_rate"] - sample_rate) > 1e-12:
+        if restored and sample_rate is not None and abs(restored["sample_rate"] - sample_rate) > 1e-12:
             raise UnsafeSettingError(
                 f"the checkpoint was trained at sample rate {restored['sample_rate']:.6g}, this run would use "
                 f"{sample_rate:.6g}: resume with the same dataset, batch size and number of devices"
             )
+        if restored and bool(restored.get("poisson_sampling", True)) != self.poisson_sampling:
+            raise UnsafeSettingError("resume with the same `poisson_sampling` as the checkpoint's run")
         self.dataset_size = num_samples
         self.sample_rate = sample_rate
         self.expected_batch_size = expected_batch_size
+        self._steps_per_pass = None
+        if not self.poisson_sampling and steps_per_epoch is not None:
+            self._steps_per_pass = float(self._limited_steps_per_epoch(trainer, steps_per_epoch))
         if self.delta is None:
             self.delta = restored.get("delta", default_delta(num_samples))
         self.planned_steps = self._planned_steps(trainer, steps_per_epoch)
+        releases = self._planned_releases(trainer, steps_per_epoch)
         if self.target_epsilon is not None:
             if restored:
                 self.noise_multiplier = float(restored["noise_multiplier"])
             else:
-                if self.planned_steps is None:
+                if releases is None:
+                    unit = "steps" if self.poisson_sampling else "epochs (passes over the data)"
                     raise UnsafeSettingError(
                         f"{type(self).__name__}(eps={self.target_epsilon}) calibrates the noise for the number of "
-                        "steps the Trainer will take, but training is not bounded: set `max_steps` or `max_epochs` "
-                        "on the Trainer (Lightning's implicit default of 1000 epochs is not taken as a plan)."
+                        f"{unit} the Trainer will take, but training is not bounded: set `max_steps` or "
+                        "`max_epochs` on the Trainer (Lightning's implicit default of 1000 epochs is not taken as a "
+                        "plan)" + ("" if self.poisson_sampling or steps_per_epoch else "; a stream without a length "
+                                   "needs `max_epochs`") + "."
                     )
+                # σ for one release per step (or pass), then √k for the k releases of one step (one mechanism)
                 self.noise_multiplier = calibrate_noise_multiplier(
                     self.target_epsilon,
                     self.delta,
-                    sample_rate,
-                    self.planned_steps * self.releases_per_step,
+                    self._accounted_rate,
+                    releases,
                     self.accountant.kind,
-                )
+                ) * math.sqrt(self.releases_per_step)
         if restored and not self.accountant.history:
             self.accountant.load_state_dict(restored["accountant"])
 
     # ------------------------------------------------------------------ accounting and report
+    @property
+    def effective_noise_multiplier(self) -> float | None:
+        """σ/√k: the noise multiplier of the one Gaussian mechanism that a step's k same-batch releases form."""
+        if self.noise_multiplier is None:
+            return None
+        return self.noise_multiplier / math.sqrt(self.releases_per_step)
+
+    @property
+    def _accounted_rate(self) -> float:
+        """The sampling rate the accountant composes: q (Poisson), or 1 (a whole pass, no amplification)."""
+        return float(self.sample_rate) if self.poisson_sampling else 1.0
+
     def account_step(self) -> None:
-        """Record the step's ``releases_per_step`` releases of the sampled Gaussian mechanism (called once per
-        optimizer step)."""
-        self.accountant.step(self.noise_multiplier, self.sample_rate, self.releases_per_step)
+        """Record one optimizer step (called once per step, after its release): one sampled Gaussian step at
+        (σ/√k, q) under Poisson sampling; without it, one Gaussian release (σ/√k, q = 1) at the first step of each
+        pass over the data."""
+        self.steps_taken += 1
+        sigma = self.effective_noise_multiplier
+        if self.poisson_sampling:
+            self.accountant.step(sigma, self.sample_rate, 1)
+            return
+        if self._accounted_pass is None or self._step_pass != self._accounted_pass:
+            self.accountant.step(sigma, 1.0, 1)
+            self._accounted_pass = self._step_pass
+            self._steps_in_pass = 0
+        self._steps_in_pass += 1
+
+    def _releases_within(self, extra_steps: int) -> int:
+        """Compositions that ``extra_steps`` more steps can add."""
+        if extra_steps <= 0:
+            return 0
+        if self.poisson_sampling:
+            return extra_steps
+        per_pass = self._steps_per_pass
+        if per_pass is None:  # a stream of unknown length: any step may start a new epoch
+            return extra_steps
+        remaining = 0 if self._accounted_pass is None else max(0, int(per_pass) - self._steps_in_pass)
+        return 0 if extra_steps <= remaining else math.ceil((extra_steps - remaining) / per_pass)
 
     @property
     def epsilon(self) -> float:
@@ -267,11 +581,25 @@ class DPStrategyBase(DDPStrategy):
         """ε that would be spent after ``extra_steps`` more steps."""
         if self.delta is None or self.noise_multiplier is None:
             return 0.0
-        extra = extra_steps * self.releases_per_step
-        return self.accountant.epsilon(self.delta, (self.noise_multiplier, self.sample_rate, extra))
+        extra = self._releases_within(extra_steps)
+        return self.accountant.epsilon(self.delta, (self.effective_noise_multiplier, self._accounted_rate, extra))
+
+    def _accounting_note(self) -> str:
+        k = self.releases_per_step
+        if self.poisson_sampling:
+            note = "sampled Gaussian mechanism: Poisson sampling at rate q, one composition per optimizer step"
+        else:
+            note = ("no amplification by sampling (poisson_sampling=False): each pass over the data is one Gaussian "
+                    "release (every example at most once per pass), composed over passes")
+        if k > 1:
+            note += (f"; the {k} releases of one step share its batch and are accounted together as one Gaussian "
+                     f"mechanism with noise multiplier σ/√{k}")
+        return note
 
     def privacy_report(self) -> dict[str, Any]:
-        """The run's privacy guarantee so far: ε spent at δ, σ, q, steps, accountant, C, and how they were set."""
+        """The run's privacy guarantee so far: ε spent at δ, σ, q, steps, accountant, C, and how they were set.
+
+        Everything in it is a function of public settings and of the number of steps (no statistic of the data)."""
         return {
             "mechanism": self.mechanism_name,
             "privacy_unit": "example",
@@ -279,11 +607,14 @@ class DPStrategyBase(DDPStrategy):
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "noise_multiplier": self.noise_multiplier,
+            "effective_noise_multiplier": self.effective_noise_multiplier,
+            "releases_per_step": self.releases_per_step,
             "sample_rate": self.sample_rate,
-            "steps": self.accountant.steps // self.releases_per_step,
+            "steps": self.steps_taken,
             "compositions": self.accountant.steps,
             "planned_steps": self.planned_steps,
             "accountant": self.accountant.kind,
+            "accounting": self._accounting_note(),
             "clip": self.clip,
             "expected_batch_size": self.expected_batch_size,
             "dataset_size": self.dataset_size,
@@ -293,17 +624,24 @@ class DPStrategyBase(DDPStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def dp_state_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
+        """What a checkpoint carries to continue the run's privacy spend. Never a secret: the sampling seed is saved
+        only if the user chose it (tests); a secret one is redrawn on resume."""
+        state = {
+            "version": 2,
             "mechanism": self.mechanism_name,
             "seed": self.seed,
-            "sampling_seed": self.sampling_seed,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "delta": self.delta,
             "clip": self.clip,
+            "poisson_sampling": self.poisson_sampling,
+            "releases_per_step": self.releases_per_step,
+            "steps_taken": self.steps_taken,
             "accountant": self.accountant.state_dict(),
         }
+        if self._sampling_seed_given:
+            state["sampling_seed"] = self.sampling_seed
+        return state
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         checkpoint[_CHECKPOINT_KEY] = self.dp_state_dict()
@@ -320,5 +658,42 @@ class DPStrategyBase(DDPStrategy):
                 )
             if float(state["clip"]) != self.clip:
                 raise UnsafeSettingError(f"the checkpoint used clip={state['clip']}, this run clip={self.clip}")
-            self._restored = dict(state)
+            state = dict(state)
+            if int(state.get("version", 1)) < 2:
+                releases = int(state.get("zo", {}).get("num_directions", 1)) if "zo" in state else 1
+                if releases > 1:
+                    raise UnsafeSettingError(
+                        "this checkpoint's run accounted its same-batch releases as independent steps (ε "
+                        "under-reported); its spend cannot be continued. Start a new run."
+                    )
+                if state.get("sampling_seed") is not None:
+                    state.pop("sampling_seed")  # a secret seed of the old format: redrawn, never reused
+                state.setdefault("steps_taken", sum(int(n) for _, _, n in state["accountant"]["history"]))
+            self._restored = state
         return checkpoint
+
+
+def _user_sampler(sampler: Any) -> Any:
+    """The user's sampler inside Lightning's ``DistributedSamplerWrapper`` (which Lightning puts around a custom
+    sampler under a DDP-based strategy)."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return inner if type(sampler).__name__ == "DistributedSamplerWrapper" and inner is not None else sampler
+
+
+def _batch_size(batch: Any) -> int | None:
+    """The batch size when every tensor in the batch agrees on dim 0, else None."""
+    sizes = set()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.ndim > 0:
+                sizes.add(obj.shape[0])
+        elif isinstance(obj, Mapping):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(batch)
+    return sizes.pop() if len(sizes) == 1 else None

@@ -11,8 +11,9 @@ from torch import Tensor
 from lightning_dp.mechanisms.dpsgd import CLIPPING_MODES, BookKeepingDPSGD, DPSGDStepResult, UnsupportedLayerError
 from lightning_dp.mechanisms.per_sample import per_sample_loss
 from lightning_dp.privacy.sampling import is_empty_batch
+from lightning.pytorch.utilities import rank_zero_info
+
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
-from lightning_dp.strategies.dpzero import _batch_size
 
 __all__ = ["DPSGDStrategy", "UnsupportedLayerError"]
 
@@ -71,10 +72,17 @@ class DPSGDStrategy(DPStrategyBase):
     # per-fit state:
     mechanism: BookKeepingDPSGD | None = None
     last_step: DPSGDStepResult | None = None
+    """What the last step computed on this rank: realized batch size, clipped fraction, per-example norms, count of
+    non-finite examples. NOT private (statistics of the sampled records before noise): for debugging only, never log
+    or release it."""
+    nonfinite_examples = 0
+    """Examples (this rank, this fit) whose gradient norm was not finite (NaN/inf loss or input) and that were given
+    clip factor 0, so they contributed nothing. NOT private: a diagnostic for you, never to be logged or released."""
     _losses: Tensor | None = None
     _empty = False
     _verify_next = True
     _reference: dict | None = None
+    _privatized: frozenset = frozenset()
 
     @property
     def gradient_noise_std(self) -> float:
@@ -89,16 +97,52 @@ class DPSGDStrategy(DPStrategyBase):
 
     # ------------------------------------------------------------------ setup
     def setup_mechanism(self, trainer: Any) -> None:
+        self.nonfinite_examples = 0
+        self._build_mechanism()
+        self._refuse_data_dependent_buffers(self.lightning_module, "DP-SGD runs the forward in train mode")
+
+    def _build_mechanism(self) -> None:
+        """Hooks and flat buffer over exactly the parameters that require grad now; verified on the next step."""
         if self.mechanism is not None:
             self.mechanism.remove_hooks()
+            self.mechanism = None
+        self._refuse_foreign_optimizer_params()
         self.mechanism = BookKeepingDPSGD(self.lightning_module, self.clip, mode=self.clipping_mode)
+        self._privatized = frozenset(id(p) for p in self.mechanism.params)
         self._verify_next = True
-        privatized = {id(p) for p in self.mechanism.params}
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad and id(p) not in privatized:  # pragma: no cover - defensive
-                        raise UnsafeSettingError("an optimizer holds a trainable parameter that is not in the model")
+
+    def _optimizer_params(self) -> list[torch.nn.Parameter]:
+        return [p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]]
+
+    def _refuse_foreign_optimizer_params(self) -> None:
+        in_module = {id(p) for p in self.lightning_module.parameters()}
+        foreign = [tuple(p.shape) for p in self._optimizer_params() if p.requires_grad and id(p) not in in_module]
+        if foreign:
+            raise UnsafeSettingError(
+                f"an optimizer holds trainable parameters that are not in the LightningModule (shapes {foreign}): "
+                "DPSGDStrategy privatizes the module's parameters and cannot clip the gradients of others. Register "
+                "them on the module."
+            )
+
+    def _sync_trainable(self) -> None:
+        """Every parameter that requires grad now (in the module or an optimizer) is privatized on this step: when
+        the set changed since the mechanism was built (e.g. ``BackboneFinetuning`` unfroze the backbone and added it
+        to the optimizer), the mechanism is rebuilt over the new set (and verified again)."""
+        trainable = {id(p) for p in self.lightning_module.parameters() if p.requires_grad}
+        trainable |= {id(p) for p in self._optimizer_params() if p.requires_grad}
+        if trainable != self._privatized:
+            rank_zero_info(
+                f"DPSGDStrategy: the trainable parameters changed ({len(self._privatized)} -> {len(trainable)} "
+                "tensors): rebuilding the per-example clipping over the new set"
+            )
+            self._build_mechanism()
+
+    def _drop_other_grads(self) -> None:
+        """No gradient other than the private one reaches the optimizer: ``.grad`` of every parameter that is not
+        privatized (frozen, or reached only outside its module) is cleared."""
+        for p in list(self.lightning_module.parameters()) + self._optimizer_params():
+            if p.grad is not None and id(p) not in self._privatized:
+                p.grad = None
 
     def teardown(self) -> None:
         if self.mechanism is not None:
@@ -114,10 +158,11 @@ class DPSGDStrategy(DPStrategyBase):
         assert self.mechanism is not None
         batch = args[0] if args else kwargs.get("batch")
         self._losses = None
-        self._empty = is_empty_batch(batch)
+        size = self._begin_step(self.lightning_module.trainer, batch)
+        self._sync_trainable()
+        self._empty = size == 0
         if self._empty:
             return {"loss": torch.zeros((), device=self.root_device)}
-        size = _batch_size(batch)
         self.mechanism.reset()
         self.mechanism.batch_size = size
         self.mechanism.capturing = True
@@ -126,6 +171,7 @@ class DPSGDStrategy(DPStrategyBase):
         finally:
             self.mechanism.capturing = False
         losses = per_sample_loss(out, size)
+        self._end_forward()
         self._losses = losses
         result = dict(out) if isinstance(out, Mapping) else {}
         result.pop("per_sample_loss", None)
@@ -160,15 +206,17 @@ class DPSGDStrategy(DPStrategyBase):
         assert self.mechanism is not None and self._collective is not None
         assert self.noise_multiplier is not None and self.expected_batch_size is not None
         reference, self._reference = self._reference, None
-        if batch > 0:
-            self._verify_next = False  # the first non-empty step of the fit was checked
         if self.mechanism.mode == "bk":
             self.mechanism.clear_grads()  # drop the non-private sum autograd accumulated on the checked step
         flat, result = self.mechanism.private_sum(
             batch, self.noise_multiplier * self.clip, self._collective, self.root_device, reference_grads=reference
         )
         del reference
+        if batch > 0 and result.verified:
+            self._verify_next = False  # checked on finite values: later steps stop at the hooked outputs
+        self.nonfinite_examples += result.nonfinite
         self.mechanism.write_grads(flat, 1.0 / self.expected_batch_size)
+        self._drop_other_grads()
         self.account_step()
         self.last_step = result
 

@@ -20,8 +20,7 @@ from lightning_dp.mechanisms.zo import (
     clip_differences,
     privatize_projected_gradient,
 )
-from lightning_dp.privacy.sampling import is_empty_batch
-from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
+from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError, _batch_size  # noqa: F401 (re-export)
 
 __all__ = ["DPZeroStrategy", "ZOPlan"]
 
@@ -54,8 +53,11 @@ class DPZeroStrategy(DPStrategyBase):
 
     Several directions per step (``num_directions=q``): steps 1–3 run for q seeded directions z_1..z_q on the same
     batch (2q probes), each releasing its own noisy scalar ĝ_j, and the update is ``θ <- θ − η·(1/q)·Σ_j ĝ_j·z_j``.
-    Each release is one composition of the sampled Gaussian mechanism on the same Poisson batch: σ is calibrated
-    for q·T compositions (σ grows with q at a fixed ε) and the accountant records q per step.
+    The q releases share one Poisson batch, so together they are ONE Gaussian mechanism: the vector of q clipped
+    sums has ℓ2 sensitivity √q·C and noise σ·C per entry, i.e. noise multiplier σ/√q. σ is calibrated as √q times
+    the σ that T single-direction steps would need, and the accountant records one step at σ/√q per optimizer step
+    (``privacy_report()["effective_noise_multiplier"]``); accounting the q releases as q independently sampled
+    steps would under-report ε several-fold.
 
     Stagewise schedules and sparse (pruned) training are callbacks that plug into this strategy
     (:class:`~lightning_dp.callbacks.stagewise.StagewiseZO`, :class:`~lightning_dp.callbacks.pruning.ZOPruning`,
@@ -69,8 +71,8 @@ class DPZeroStrategy(DPStrategyBase):
         zo_eps: λ, the finite-difference step (1e-3 as in MeZO/DPZero for full fine-tuning; ~1e-2 for LoRA).
         dropout: ``"off"`` (default) or ``"same"``; see step 2.
         zo_schedule: ``"auto"`` (default), ``"two_pass"`` or ``"three_pass"`` (passes over the parameters per step).
-        num_directions: q, the number of directions per step (default 1, DPZero); costs 2q forward passes and q
-            compositions per step.
+        num_directions: q, the number of directions per step (default 1, DPZero); costs 2q forward passes per
+            step, and σ is √q times larger at the same ε (see above).
     """
 
     mechanism_name = "dpzero"
@@ -113,7 +115,7 @@ class DPZeroStrategy(DPStrategyBase):
         self.zo_eps = float(zo_eps)  # λ of the current step (a stagewise schedule changes it per stage)
         self.zo_eps_start = float(zo_eps)  # λ as configured
         self.num_directions = num_directions
-        self.releases_per_step = num_directions  # one composition per direction (DPStrategyBase)
+        self.releases_per_step = num_directions  # q releases on one batch: one mechanism at σ/√q (DPStrategyBase)
         self.prox = 0.0  # γ of the proximal pull γ(θ − θ_anchor) (set by a stagewise schedule)
         self.zo_plans: list[ZOPlan] = []
         self.last_steps: list[ZOStepResult] = []
@@ -124,13 +126,35 @@ class DPZeroStrategy(DPStrategyBase):
         self._group_of: list[int] = []
         self._step_inputs: tuple[list[int], list[Tensor] | None] | None = None
         self.last_step: ZOStepResult | None = None
+        """The last step's released scalar and its parts (clipped sum, noise, realized batch size). The clipped sum
+        and the batch size are NOT private (they are statistics of the sampled records before noise): for debugging
+        and tests only, never log or release them (``last_steps`` likewise)."""
 
     # ------------------------------------------------------------------ setup
     def setup_mechanism(self, trainer: Any) -> None:
         if len(self.optimizers) != 1:
             raise UnsafeSettingError(f"DPZeroStrategy needs exactly one optimizer, got {len(self.optimizers)}")
         optimizer = self.optimizers[0]
-        _check_zo_optimizer(optimizer)
+        if self.dropout == "same":
+            self._refuse_data_dependent_buffers(
+                self.lightning_module, "dropout='same' runs the probes in train mode"
+            )
+        self._build_directions(optimizer)
+        self._setup_plans(trainer)
+        if self.zo_schedule == "auto":
+            unsafe = _code_between_steps(trainer)
+            self.schedule = "three_pass" if unsafe else "two_pass"
+            if unsafe:
+                rank_zero_info(
+                    f"DPZeroStrategy: three passes per step, because {', '.join(unsafe)} may read the parameters "
+                    "between steps (pass zo_schedule='two_pass' to override)"
+                )
+        else:
+            self.schedule = self.zo_schedule
+
+    @staticmethod
+    def _trainable(optimizer: Optimizer) -> tuple[list[Tensor], list[int]]:
+        """The optimizer's parameters that require grad (each once, in order) and their param-group indices."""
         params, groups, seen = [], [], set()
         for g, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
@@ -138,6 +162,11 @@ class DPZeroStrategy(DPStrategyBase):
                     seen.add(id(p))
                     params.append(p)
                     groups.append(g)
+        return params, groups
+
+    def _build_directions(self, optimizer: Optimizer) -> None:
+        _check_zo_optimizer(optimizer)
+        params, groups = self._trainable(optimizer)
         if not params:
             raise UnsafeSettingError("the optimizer holds no parameter that requires grad: nothing to train")
         for p in params:
@@ -157,17 +186,28 @@ class DPZeroStrategy(DPStrategyBase):
             )
         self.directions = SeededDirections(params, self.seed)
         self._group_of = groups
-        self._setup_plans(trainer)
-        if self.zo_schedule == "auto":
-            unsafe = _code_between_steps(trainer)
-            self.schedule = "three_pass" if unsafe else "two_pass"
-            if unsafe:
-                rank_zero_info(
-                    f"DPZeroStrategy: three passes per step, because {', '.join(unsafe)} may read the parameters "
-                    "between steps (pass zo_schedule='two_pass' to override)"
-                )
-        else:
-            self.schedule = self.zo_schedule
+
+    def _sync_trainable(self) -> None:
+        """The parameters perturbed and updated are the optimizer's trainable ones *now*: when a callback changed
+        them after setup (unfroze a layer and added it to the optimizer), the directions are rebuilt over the new
+        set (on the clean θ), so nothing trainable is silently left out. With a ZO plan (mask, anchor) the change
+        is refused: those are laid out over the old set."""
+        assert self.directions is not None
+        params, _ = self._trainable(self.optimizers[0])
+        if [id(p) for p in params] == [id(p) for p in self.directions.params]:
+            return
+        if self.zo_plans:
+            raise UnsafeSettingError(
+                "the optimizer's trainable parameters changed during training, but the ZO plans "
+                f"({', '.join(type(p).__name__ for p in self.zo_plans)}) hold masks/anchors over the old set. Keep "
+                "the trainable set fixed with StagewiseZO/ZOPruning."
+            )
+        self._restore()
+        rank_zero_info(
+            f"DPZeroStrategy: the trainable parameters changed ({len(self.directions.params)} -> {len(params)} "
+            "tensors): perturbing and updating the new set from this step on"
+        )
+        self._build_directions(self.optimizers[0])
 
     def _setup_plans(self, trainer: Any) -> None:
         """Find the ZO plans among the callbacks, restore the mask/anchor/λ of a checkpoint, let the plans set up."""
@@ -178,7 +218,7 @@ class DPZeroStrategy(DPStrategyBase):
         if restored is not None and int((state or {}).get("num_directions", 1)) != self.num_directions:
             raise UnsafeSettingError(
                 f"the checkpoint was trained with num_directions={(state or {}).get('num_directions', 1)}, this run "
-                f"uses {self.num_directions}: σ was calibrated for that many compositions per step"
+                f"uses {self.num_directions}: σ was calibrated for that many releases per step"
             )
         if state is not None:
             self.directions.load_state_dict(state)
@@ -211,13 +251,15 @@ class DPZeroStrategy(DPStrategyBase):
         assert self.directions is not None
         trainer = self.lightning_module.trainer
         step = trainer.global_step
+        batch = args[0] if args else kwargs.get("batch")
+        size = self._begin_step(trainer, batch)
+        self._sync_trainable()
         if self.zo_plans and self._boundary_at(step):
             self._restore()  # the update of the previous step did not fuse this step's +λz (see _private_update)
             for plan in self.zo_plans:
                 plan.zo_boundary(self, trainer, step)
-        batch = args[0] if args else kwargs.get("batch")
         seeds = [self.directions.seed_for(step, j) for j in range(self.num_directions)]
-        empty = is_empty_batch(batch)
+        empty = size == 0
         probe = self._probe_fn(args, kwargs)
         outputs = []
         with torch.no_grad():
@@ -231,7 +273,7 @@ class DPZeroStrategy(DPStrategyBase):
         if empty:
             self._step_inputs = (seeds, None)
             return {"loss": torch.zeros((), device=self.root_device)}
-        size = _batch_size(batch)
+        self._end_forward()
         clipped, means = [], []
         for out_plus, out_minus in outputs:
             loss_plus = per_sample_loss(out_plus, size)
@@ -279,6 +321,8 @@ class DPZeroStrategy(DPStrategyBase):
         return closure_loss
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        closure = self._once_per_step(closure)  # one release per batch
+
         def zo_closure() -> Any:
             output = closure()  # the two probes (training_step) and the no-op backward
             self._private_update(optimizer)
@@ -461,22 +505,3 @@ def _check_zo_optimizer(optimizer: Optimizer) -> None:
                 "DPZeroStrategy performs plain zeroth-order SGD: `momentum`/`nesterov` of your SGD optimizer would be "
                 "ignored. Use `torch.optim.SGD(params, lr=..., momentum=0)`."
             )
-
-
-def _batch_size(batch: Any) -> int | None:
-    """The batch size when every tensor in the batch agrees on dim 0, else None (no check is made)."""
-    sizes = set()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, Tensor):
-            if obj.ndim > 0:
-                sizes.add(obj.shape[0])
-        elif isinstance(obj, Mapping):
-            for v in obj.values():
-                visit(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v)
-
-    visit(batch)
-    return sizes.pop() if len(sizes) == 1 else None

@@ -16,6 +16,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_dp.mechanisms.buffers import BufferSnapshot, data_dependent_buffer_modules, describe_buffer_modules
 from lightning_dp.mechanisms.collective import LocalCollective, default_collective
 from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD
 from lightning_dp.mechanisms.federated import (
@@ -42,7 +43,6 @@ from lightning_dp.privacy.accounting import (
 )
 from lightning_dp.privacy.sampling import dataset_size, is_empty_batch, loader_batch_size, poisson_dataloader
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
-from lightning_dp.strategies.dpzero import _batch_size
 
 __all__ = ["DPLoRAFederatedStrategy"]
 
@@ -61,12 +61,22 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     the sum), composed over rounds by the PRV (default) or RDP accountant.
     With ``noise_placement="local"`` each upload also carries σ·C on its own. ``privacy_report()["local_epsilon"]``
     is then the guarantee of a client's uploads against the server that sees them one by one: the client's dataset
-    replaced by any other, sensitivity 2C, no sampling amplification, composed over the rounds the client took
-    part in. With ``"distributed"`` the uploads carry σ·C/√K, so the central guarantee needs a trusted aggregator or
-    secure aggregation, and ``local_epsilon`` is that of the weaker per-upload noise. Optionally (``example_eps`` or
-    ``example_noise_multiplier``), each client trains with DP-SGD (the project's book-keeping mechanism, Poisson
-    batches inside its shard). That adds an example-level guarantee against everyone, the server included
-    (``privacy_report()["example_level"]``).
+    replaced by any other, sensitivity 2C, no sampling amplification, composed over every completed round (the
+    data-independent worst case of a client that took part in all of them). With ``"distributed"`` the uploads
+    carry σ·C/√K, so the central guarantee needs a trusted aggregator or secure aggregation, and ``local_epsilon`` is
+    that of the weaker per-upload noise. Optionally (``example_eps`` or ``example_noise_multiplier``), each client
+    trains with DP-SGD (the project's book-keeping mechanism, Poisson batches inside its shard). That adds an
+    example-level guarantee against everyone, the server included (``privacy_report()["example_level"]``, worst
+    case of the smallest non-empty client dataset taking part in every round, as the calibration assumes); the
+    per-example losses are checked against the number of examples the sampler selected for the step.
+
+    **What stays private.** Which clients took part in a round, and how many, is the secret the amplification by
+    client sampling rests on; per-client dataset sizes, participation counts and update norms are statistics of
+    the clients' data. None of them is logged, reported (``privacy_report()``, the ``PrivacyBudget`` JSON) or saved.
+    The per-client records (:class:`~lightning_dp.mechanisms.federated.ClientUpload`, in ``_round_log``) and
+    :attr:`nonfinite_updates` are non-private diagnostics for tests and debugging: never log them. A
+    ``sampling_seed`` drawn from OS entropy never reaches a checkpoint, and a checkpoint holds only the released
+    global adapters and no optimizer state.
 
     **Protocol.** A Lightning step is one local step of the active virtual client; a round is ``clients_per_rank ×
     local_steps`` steps on every rank (one epoch = one round). Each round, each client is sampled independently with
@@ -102,9 +112,14 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     its optimizer state. Compute: only sampled clients run forward/backward. With ``"local"`` noise, the server's
     average carries √K times the noise of ``"distributed"`` (the price of not trusting the aggregator).
 
-    **Refused or unsupported.** Manual optimization, ``accumulate_grad_batches > 1``, ``gradient_clip_val``,
-    ``16-mixed``, ``limit_train_batches``, BatchNorm layers (their running statistics would be local, unprivatized
-    state), a second ``fit`` with the same instance, resuming from a checkpoint (not supported yet).
+    **Refused or unsupported.** Manual optimization, ``accumulate_grad_batches > 1`` (also when a callback changes
+    it during training), several training dataloaders, ``gradient_clip_val``, ``16-mixed``, ``limit_train_batches``,
+    normalization layers with running statistics (BatchNorm, InstanceNorm with ``track_running_stats``: local,
+    unprivatized state) and any buffer that a client's forward changes (refused before that client's update is
+    released), a tensor other than the adapters fixed at setup becoming trainable (checked at every step, e.g.
+    ``BackboneFinetuning``), a second ``fit`` with the same instance, resuming from a checkpoint (not supported yet).
+    A client update that is not finite (NaN/inf) contributes zero (its upload is noise only) and is counted in the
+    non-private :attr:`nonfinite_updates`.
 
     Args:
         eps: target client-level ε; σ is calibrated for the planned number of rounds at rate ``client_fraction``.
@@ -127,7 +142,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         example_clip: per-example clipping norm of that DP-SGD.
         example_delta: its δ; default ``1 / N^1.1`` with N the total number of examples of all clients.
         accountant, seed, sampling_seed, **kwargs: see :class:`~lightning_dp.strategies.base.DPStrategyBase`
-            (``sampling_seed`` keys the client sampling, the local batches and the default split: keep it secret).
+            (``sampling_seed`` keys the client sampling, the local batches and the default split: leave it ``None``
+            so that it is a secret drawn from OS entropy and never saved; a seed you pass is saved in checkpoints).
     """
 
     mechanism_name = "dplora_federated"
@@ -201,11 +217,19 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self.adapters: AdapterVector | None = None
         self.planned_rounds: int | None = None
         self.rounds_completed = 0
-        self.shard_sizes: list[int] | None = None
         self.batch_size: int | None = None
         self.communication: dict[str, Any] = {}
-        self.round_log: list[dict[str, Any]] = []  # per completed round (same on every rank, except `uploads`)
+        self.nonfinite_updates = 0
+        """NON-PRIVATE diagnostic: how many uploads of this rank's clients had a non-finite update (NaN/inf) and
+        contributed zero instead (noise only). It depends on the clients' data: never log, report or save it."""
+        self._sampling_seed_explicit = sampling_seed is not None  # only a seed the user chose may be saved
+        # private, per-client state: statistics of the clients' data or of the secret client sampling. Never logged,
+        # reported or saved (see `ClientUpload`).
+        self._shard_sizes: list[int] | None = None
+        self._round_log: list[dict[str, Any]] = []  # per completed round: this rank's `ClientUpload`s
         self._uploads: list[ClientUpload] = []  # this rank's clients in the current round
+        self._sampler: FederatedBatchSampler | None = None
+        self._buffers: BufferSnapshot | None = None
         self._global: Tensor | None = None
         self._upload_sum: Tensor | None = None
         self._client_optimizer_states: list[list[dict | None]] = []
@@ -281,12 +305,13 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
                 f"clients={self.num_clients} is not a multiple of the {world} ranks: every rank must host the same "
                 "number of clients (so all ranks reach each round's all-reduce together)"
             )
-        for name, mod in module.named_modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
-                raise UnsafeSettingError(
-                    f"{name} ({type(mod).__name__}) keeps running statistics of each client's data that are neither "
-                    "federated nor privatized; use LayerNorm/GroupNorm or `track_running_stats=False`"
-                )
+        found = data_dependent_buffer_modules(module, train_mode_only=False)
+        if found:
+            raise UnsafeSettingError(
+                f"{describe_buffer_modules(found)} keep running statistics of each client's data in buffers that are "
+                "neither federated nor privatized (and are saved with the model). Replace them (BatchNorm -> "
+                "GroupNorm/LayerNorm) or construct them with `track_running_stats=False`."
+            )
         self.schedule = RoundSchedule(self.num_clients // world, self.local_steps, self.global_rank)
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not trainable:
@@ -307,9 +332,11 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self._upload_sum = torch.zeros_like(self._global)
         self._client_optimizer_states = [[None] * len(self.optimizers) for _ in range(self.schedule.clients_per_rank)]
         self.rounds_completed = 0
-        self.round_log = []
+        self.nonfinite_updates = 0
+        self._round_log = []
         self._uploads = []
         self._sampled_cache = {}
+        self._buffers = None
         if self.example_level:
             self._dpsgd = BookKeepingDPSGD(module, self.example_clip)
             self._dpsgd_verify = True
@@ -383,17 +410,17 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         for k, shard in zip(hosted, shards):
             sizes[k] = len(shard)
         self._collective.all_reduce_sum(sizes)  # shard sizes of all clients (K numbers, for the accounting)
-        self.shard_sizes = [int(s) for s in sizes.tolist()]
-        self.dataset_size = sum(self.shard_sizes)
-        sampler = FederatedBatchSampler(
+        self._shard_sizes = [int(s) for s in sizes.tolist()]
+        self.dataset_size = sum(self._shard_sizes)
+        self._sampler = FederatedBatchSampler(
             shards, self.schedule, self.batch_size, self._participates, self.sampling_seed, self.example_level,
             step_source=lambda: trainer.global_step,
         )
         self._configure_federated_privacy(trainer)
-        return poisson_dataloader(dataloader, sampler)
+        return poisson_dataloader(dataloader, self._sampler)
 
     def _configure_federated_privacy(self, trainer: Any) -> None:
-        assert self.schedule is not None and self.num_clients is not None and self.shard_sizes is not None
+        assert self.schedule is not None and self.num_clients is not None and self._shard_sizes is not None
         spr = self.schedule.steps_per_round
         planned = self._planned_steps(trainer, spr)
         trainer_rounds = None if planned is None else planned // spr
@@ -421,7 +448,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
                 self.target_epsilon, self.delta, self.sample_rate, self.planned_rounds, self.accountant.kind
             )
         if self.example_level:
-            nonempty = [s for s in self.shard_sizes if s > 0]
+            nonempty = [s for s in self._shard_sizes if s > 0]
             if not nonempty:
                 raise UnsafeSettingError("every client shard is empty: no data to train on")
             if self.example_delta is None:
@@ -443,26 +470,34 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
 
     def _participates(self, round_index: int, client: int) -> bool:
         """Sampled this round and holds data (a client without data has nothing to train on)."""
-        assert self.shard_sizes is not None
-        return bool(self._sampled(round_index)[client]) and self.shard_sizes[client] > 0
+        assert self._shard_sizes is not None
+        return bool(self._sampled(round_index)[client]) and self._shard_sizes[client] > 0
 
     # ------------------------------------------------------------------ the step: one local step of one client
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """One local step of the active client. First, before any forward: the per-step invariants (gradient
+        accumulation, one training dataloader), the set of trainable tensors (exactly the federated adapters), the
+        number of examples the sampler selected for this step, and (once) a snapshot of every buffer."""
         assert self.schedule is not None
         trainer = self.lightning_module.trainer
+        self._check_step_invariants(trainer)
+        self._check_trainable_set()
         round_index, slot, _ = self.schedule.position(trainer.global_step)
         batch = args[0] if args else kwargs.get("batch")
+        examples = self._examples_of_step(trainer.global_step, batch)
         zero = {"loss": torch.zeros((), device=self.root_device)}
         self._losses = None
         if not self._participates(round_index, self.schedule.client(slot)):
             self._step_kind = "skip"
             return zero
+        if examples and self._buffers is None:  # the first step that runs a forward
+            self._buffers = BufferSnapshot(self.lightning_module)
         if self.example_level:
             self._step_kind = "dpsgd"
-            if is_empty_batch(batch):  # an empty Poisson batch is still a DP-SGD step (noise only)
+            if examples == 0:  # an empty Poisson batch is still a DP-SGD step (noise only)
                 return zero
             assert self._dpsgd is not None
-            size = _batch_size(batch)
+            size = examples  # what the sampler selected, not what the batch's tensors suggest
             self._dpsgd.reset()
             self._dpsgd.batch_size = size
             self._dpsgd.capturing = True
@@ -479,6 +514,51 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         out = super().training_step(*args, **kwargs)
         return _as_scalar_loss(out)
 
+    def _examples_of_step(self, global_step: int, batch: Any) -> int:
+        """The number of examples the federated sampler selected for this step's batch (0: empty or skipped)."""
+        count = None if self._sampler is None else self._sampler.pop_count(global_step)
+        if count is None:
+            raise UnsafeSettingError(
+                f"the batch of step {global_step} was not drawn by DPLoRAFederatedStrategy's client sampler: its "
+                "number of examples, which the per-example contract and the round schedule rely on, is unknown. "
+                "Every batch must be one optimizer step (never return None from `training_step`), and the training "
+                "DataLoader must be the one passed to `trainer.fit` (not replaced or iterated outside the Trainer)."
+            )
+        if is_empty_batch(batch) != (count == 0):
+            raise RuntimeError(f"internal error: the sampler selected {count} examples for the batch of step "
+                               f"{global_step}, which does not match the batch received")
+        return count
+
+    def _check_trainable_set(self) -> None:
+        """Exactly the adapters fixed at setup are trainable (in the module and in every optimizer): a tensor made
+        trainable later (``BackboneFinetuning``, a callback unfreezing layers) would be trained on each client's
+        raw data and never clipped, noised or aggregated."""
+        assert self.adapters is not None
+        module = self.lightning_module
+        adapters = {id(p) for p in self.adapters.params}
+        names = {id(p): n for n, p in module.named_parameters()}
+        problems = [f"{n} (requires_grad in the module)" for n, p in module.named_parameters()
+                    if p.requires_grad and id(p) not in adapters]
+        problems += [f"{n} (an adapter that stopped requiring grad)"
+                     for n, p in zip(self.adapters.names, self.adapters.params) if not p.requires_grad]
+        seen = set()
+        for i, optimizer in enumerate(self.optimizers):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and id(p) not in adapters and id(p) not in seen:
+                        seen.add(id(p))
+                        what = names.get(id(p), f"a parameter of shape {tuple(p.shape)} outside the module")
+                        problems.append(f"{what} (trainable in optimizer {i})")
+        if problems:
+            raise UnsafeSettingError(
+                f"the trainable tensors changed after setup: {', '.join(problems)}. DPLoRAFederatedStrategy "
+                f"federates exactly the {len(self.adapters.names)} adapter tensors fixed at setup; anything else "
+                "trained would learn from each client's raw data without clipping, noise or aggregation. Keep other "
+                "parameters frozen (`requires_grad=False`, out of the optimizer: no BackboneFinetuning or callback "
+                "that unfreezes layers), or make them trainable before `fit` (e.g. LoRA `modules_to_save`) so they "
+                "travel with the adapters."
+            )
+
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self._step_kind == "skip":
             return closure_loss  # no data this step: no backward, gradients stay None, the optimizer does nothing
@@ -489,7 +569,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     def _dpsgd_backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """Example-level DP-SGD inside the active client: the clipped, noised gradient (noise from this rank's
         private generator, once per client step) divided by the client's expected batch size."""
-        assert self._dpsgd is not None and self.schedule is not None and self.shard_sizes is not None
+        assert self._dpsgd is not None and self.schedule is not None and self._shard_sizes is not None
         module = self.lightning_module
         self.pre_backward(closure_loss)
         self._dpsgd.clear_grads()
@@ -504,7 +584,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             self._dpsgd.clear_grads()
         self._losses = None
         _, slot, _ = self.schedule.position(module.trainer.global_step)
-        shard = self.shard_sizes[self.schedule.client(slot)]
+        shard = self._shard_sizes[self.schedule.client(slot)]
         q = min(1.0, self.batch_size / shard)
         std = float(self.example_noise_multiplier) * self.example_clip
         flat, _ = self._dpsgd.private_sum(batch, std, LocalCollective(), self.root_device, reference_grads=reference)
@@ -535,22 +615,44 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
 
     @torch.no_grad()
     def _end_client(self, round_index: int, slot: int) -> None:
-        """Clip and noise the client's update, add it to this rank's sum, and reset the adapters to the global
-        ones for the next client."""
+        """Refuse any buffer the client's forwards changed, then clip and noise the client's update, add it to
+        this rank's sum, and reset the adapters to the global ones for the next client."""
         assert self.adapters is not None and self._global is not None and self._upload_sum is not None
-        assert self.schedule is not None and self.shard_sizes is not None and self._noise is not None
+        assert self.schedule is not None and self._shard_sizes is not None and self._noise is not None
+        self._check_buffers()
         client = self.schedule.client(slot)
         for i, optimizer in enumerate(self.optimizers):
             self._client_optimizer_states[slot][i] = optimizer.state_dict()["state"]
         delta = self.adapters.read() - self._global
         std = client_noise_std(self.noise_multiplier, self.clip, self.num_clients, self.noise_placement)
+        participates = self._participates(round_index, client)
         upload, info = privatize_upload(
-            delta, self.clip, std, self._noise, self._participates(round_index, client), round_index, client,
-            self.shard_sizes[client],
+            delta, self.clip, std, self._noise, participates, round_index, client, self._shard_sizes[client],
         )
+        if participates and not math.isfinite(info.update_norm):
+            self.nonfinite_updates += 1  # its upload is the noise alone (clip factor 0)
         self._upload_sum.add_(upload.to(self._upload_sum.device))
         self._uploads.append(info)
         self.adapters.write_(self._global)
+
+    @torch.no_grad()
+    def _check_buffers(self) -> None:
+        """Before a client's update is released: every buffer must be as it was before the first forward. A
+        buffer written from the client's data (a custom module, a norm layer switched to train mode with running
+        statistics) is an un-noised statistic of that data that the saved model would carry."""
+        if self._buffers is None:
+            return
+        changed = self._buffers.changed()
+        if not changed:
+            return
+        # put the data-dependent values back (best effort: a checkpoint written on the exception must not carry them)
+        self._buffers.restore()
+        raise UnsafeSettingError(
+            f"the forward pass of a client's local steps changed the buffer(s) {', '.join(changed)}: a statistic of "
+            "that client's data, neither federated nor privatized, that the saved model would carry. Do not write "
+            "buffers in `forward` from training data (BatchNorm -> GroupNorm/LayerNorm, `track_running_stats=False`),"
+            " or keep such modules in eval mode."
+        )
 
     @torch.no_grad()
     def _end_round(self, round_index: int, trainer: Any) -> None:
@@ -564,18 +666,12 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self._upload_sum.zero_()
         self.account_step()
         self.rounds_completed += 1
-        sampled = self._sampled(round_index)
-        entry = {
-            "round": round_index,
-            "sampled_clients": [int(k) for k in sampled.nonzero().flatten().tolist()],
-            "uploads": self._uploads,
-            "allreduce_bytes": total.numel() * total.element_size(),
-        }
-        self.round_log.append(entry)
+        # private (see `ClientUpload`): which clients took part is the secret the client sampling amplifies with
+        self._round_log.append({"round": round_index, "uploads": self._uploads,
+                                "allreduce_bytes": total.numel() * total.element_size()})
         self._uploads = []
-        metrics = {
+        metrics = {  # public only: never who or how many took part, shard sizes or update norms
             "federated/round": float(round_index),
-            "federated/sampled_clients": float(sampled.sum()),
             "federated/upload_bytes_per_round": float(self.communication["upload_bytes_per_round"]),
             "federated/full_model_bytes_per_round": float(self.communication["full_model_bytes_per_round"]),
         }
@@ -597,6 +693,21 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self._discard_partial_round()
         super().on_train_end()
 
+    def on_validation_start(self) -> None:
+        """Validation in the middle of a round sees the released global adapters, never a client's local ones
+        (their metrics would be an un-noised function of that client's data)."""
+        self._local_during_validation = None
+        if self.adapters is not None and self._global is not None:
+            self._local_during_validation = self.adapters.read()
+            self.adapters.write_(self._global)
+        super().on_validation_start()
+
+    def on_validation_end(self) -> None:
+        local, self._local_during_validation = getattr(self, "_local_during_validation", None), None
+        if local is not None and self.adapters is not None:
+            self.adapters.write_(local)
+        super().on_validation_end()
+
     def on_exception(self, exception: BaseException) -> None:
         if self._dpsgd is not None:
             self._dpsgd.capturing = False
@@ -611,36 +722,29 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         super().teardown()
 
     # ------------------------------------------------------------------ accounting and report
-    def _participation_counts(self) -> list[int]:
-        """Rounds each client took part in so far (public to all ranks: the sampling and shard sizes are)."""
-        assert self.num_clients is not None and self.shard_sizes is not None
-        counts = [0] * self.num_clients
-        for entry in self.round_log:
-            for k in entry["sampled_clients"]:
-                if self.shard_sizes[k] > 0:
-                    counts[k] += 1
-        return counts
-
     def local_epsilon(self) -> float:
-        """ε of one client's uploads against the server that sees them one by one (the max over clients): the
-        client's dataset replaced by any other, so sensitivity 2C against per-upload noise σC (``"local"``) or
-        σC/√K (``"distributed"``), no sampling amplification, composed over the rounds it took part in."""
-        if self.delta is None or not self.round_log:
+        """ε of one client's uploads against the server that sees them one by one: the client's dataset replaced by
+        any other, so sensitivity 2C against per-upload noise σC (``"local"``) or σC/√K (``"distributed"``), no
+        sampling amplification. Data-independent worst case: a client that took part in every completed round
+        (which rounds a client actually took part in is secret, the client sampling's amplification rests on it,
+        so it is never used here)."""
+        if self.delta is None or self.noise_multiplier is None or not self.rounds_completed:
             return 0.0
         per_upload = client_noise_std(self.noise_multiplier, 1.0, self.num_clients, self.noise_placement)
-        counts = [c for c in set(self._participation_counts()) if c > 0]
-        return max((self._composed_epsilon(per_upload / 2.0, 1.0, c, self.delta) for c in counts), default=0.0)
+        return self._composed_epsilon(per_upload / 2.0, 1.0, self.rounds_completed, self.delta)
 
     def example_epsilon(self) -> float:
-        """Example-level ε inside each client (the max over clients), from its DP-SGD steps so far."""
-        if not self.example_level or self.example_delta is None or not self.round_log:
+        """Example-level ε inside each client, from its DP-SGD steps so far. Data-independent worst case, the one
+        the calibration assumes: a client that took part in every completed round (``local_steps`` DP-SGD steps
+        each) with the smallest non-empty dataset (the highest Poisson rate ``batch_size / N_k``)."""
+        if not self.example_level or self.example_delta is None or not self.rounds_completed:
             return 0.0
-        pairs = {(size, count) for size, count in zip(self.shard_sizes, self._participation_counts()) if size and count}
-        return max(
-            (self._composed_epsilon(self.example_noise_multiplier, min(1.0, self.batch_size / size),
-                                    count * self.local_steps, self.example_delta) for size, count in pairs),
-            default=0.0,
-        )
+        assert self._shard_sizes is not None and self.batch_size is not None
+        smallest = min((size for size in self._shard_sizes if size > 0), default=0)
+        if not smallest:
+            return 0.0
+        return self._composed_epsilon(self.example_noise_multiplier, min(1.0, self.batch_size / smallest),
+                                      self.rounds_completed * self.local_steps, self.example_delta)
 
     def _composed_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
         """ε of ``steps`` releases at (σ, q) by this run's accountant kind (cached: PRV costs tens of ms)."""
@@ -652,7 +756,11 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         return self._epsilon_cache[key]
 
     def privacy_report(self) -> dict[str, Any]:
-        """Which unit, which guarantee, against whom, and the communication cost."""
+        """Which unit, which guarantee, against whom, and the communication cost.
+
+        Everything in it is a function of public settings and of the number of completed rounds: never which or
+        how many clients took part in a round, per-client dataset sizes or participation counts, or update norms
+        (the per-client ε are data-independent worst cases). It is written to JSON by ``PrivacyBudget``."""
         trust = {
             "local": "each client noises its own upload (σC): the guarantee holds against the server and anyone "
                      "who sees the global adapters",
@@ -681,7 +789,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             "noise_placement": self.noise_placement,
             "aggregation": self.aggregation,
             "local_epsilon": self.local_epsilon(),
-            "shard_sizes": self.shard_sizes,
+            "local_guarantee": "ε of one client's uploads against the server (sensitivity 2C, no amplification by "
+                               "client sampling), worst case of a client that took part in every completed round",
             "dataset_size": self.dataset_size,
             "world_size": self.world_size,
             "communication": dict(self.communication),
@@ -691,7 +800,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             report["example_level"] = {
                 "privacy_unit": "example",
                 "guarantee": "example-level (ε, δ)-DP of each client's uploads, against everyone including the server "
-                             "(DP-SGD with Poisson batches inside each client; max over clients)",
+                             "(DP-SGD with Poisson batches inside each client); worst case of a client with the "
+                             "smallest non-empty dataset that took part in every completed round",
                 "epsilon": self.example_epsilon(),
                 "delta": self.example_delta,
                 "target_epsilon": self.example_target_epsilon,
@@ -710,6 +820,36 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         return self.accountant.epsilon(self.delta, (self.noise_multiplier, self.sample_rate, max(0, done)))
 
     # ------------------------------------------------------------------ checkpoints
+    def dp_state_dict(self) -> dict[str, Any]:
+        """The base class's DP state, never with a ``sampling_seed`` drawn from OS entropy: it keys the client
+        sampling, every local batch and the default split, so whoever knew it could tell which clients took part in
+        each round (voiding the amplification by sampling). A seed the user passed (tests) may be saved."""
+        state = super().dp_state_dict()
+        if not self._sampling_seed_explicit:
+            state.pop("sampling_seed", None)
+        return state
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Only released state goes into a checkpoint: the global adapters (mid-round, the module holds a client's
+        local, un-noised adapters) and no optimizer state (the optimizer holds the last client's state, e.g. a
+        momentum that sums its raw gradients; resuming is not supported, so nothing needs it)."""
+        if self.adapters is not None and self._global is not None:
+            state = checkpoint.get("state_dict")
+            if isinstance(state, dict):
+                chunks = torch.split(self._global, self.adapters.sizes)
+                for name, param, chunk in zip(self.adapters.names, self.adapters.params, chunks):
+                    if name not in state:
+                        raise UnsafeSettingError(
+                            f"the adapter tensor {name} is not in the checkpoint's state_dict, so its local (client) "
+                            "value could not be replaced by the released global one; save the checkpoint from the "
+                            "Trainer (`trainer.save_checkpoint`, ModelCheckpoint)"
+                        )
+                    state[name] = chunk.view(param.shape).to(dtype=param.dtype, device=state[name].device).clone()
+            for opt_state in checkpoint.get("optimizer_states", []) or []:
+                if isinstance(opt_state, dict):
+                    opt_state["state"] = {}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # DP state: dp_state_dict
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         raise UnsafeSettingError(
             "resuming a DPLoRAFederatedStrategy run is not supported: the per-client optimizer states and the "

@@ -94,7 +94,7 @@ def run(config, devices):
     )
     trainer.fit(model, loader(linear_data(n=64), 8))
     uploads = [[u.client, u.sampled, u.shard_size, u.update_norm, u.clipped_norm, u.noise_std]
-               for e in strategy.round_log for u in e["uploads"]]
+               for e in strategy._round_log for u in e["uploads"]]
     return {
         "world_size": trainer.world_size,
         "base_unchanged": all(torch.equal(base_objects[n], base[n]) for n in base),

@@ -445,7 +445,7 @@ class BookKeepingDPSGD:
         if batch > 0:
             if ghost is None or ghost.batch != batch:
                 raise RuntimeError("DP-SGD ghost clipping: private_sum without a matching backward(losses)")
-            flat = ghost.flat.to(device)
+            flat = ghost.assemble(device)
         else:
             flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
         for p, off, n in zip(self.params, self._offsets, self._sizes):
@@ -579,7 +579,7 @@ class _GhostStep:
     rebuilt per parameter (parameter-sized buffers) and checked against autograd's ``.grad`` (:meth:`verify`).
 
     ``"sum"`` phase (second backward, of ``Σ_i c_i ℓ_i``, stopped at the hooked outputs): each output gradient
-    already carries ``c_i``; its use's ``Σ_i c_i ∇_i`` is added at once into the parameter's slice of the flat fp32
+    already carries ``c_i``; its use's ``Σ_i c_i ∇_i`` is added at once into the parameter's own fp32
     buffer (book-keeping from ``(a, g)``; a tied parameter adds one such sum per use), then ``a`` and ``g`` are freed.
     Autograd's parameter gradients are never computed, so a parameter used outside its module adds nothing there.
 
@@ -598,7 +598,7 @@ class _GhostStep:
         self.coeffs: Tensor | None = None
         self.bad: Tensor | None = None
         self.nonfinite = 0
-        self.flat: Tensor | None = None
+        self.parts: dict[int, Tensor] = {}
         self.ones: Tensor | None = None
         # parameters with several uses this step (a module called twice, or one parameter in several modules)
         count: dict[int, int] = {}
@@ -698,14 +698,29 @@ class _GhostStep:
         return self.verified
 
     def start_sum(self) -> None:
-        """Clip factors from the norms; the hooks of the next backward add ``Σ_i c_i ∇_i`` into :attr:`flat`."""
+        """Clip factors from the norms; the hooks of the next backward add ``Σ_i c_i ∇_i`` into per-parameter
+        buffers (:attr:`parts`, allocated on first use), which :meth:`assemble` copies into the flat buffer."""
         self.coeffs = clip_coefficients(self.sq, self.mech.clip)
         bad = ~torch.isfinite(self.sq)
         self.nonfinite = int(bad.sum())
         self.bad = bad if self.nonfinite else None
-        self.flat = torch.zeros(self.mech.numel, dtype=torch.float32, device=self.device)
+        # one buffer per parameter, allocated when its first output gradient arrives (as autograd's `.grad` would
+        # be): a flat buffer allocated up front would sit next to every activation at the start of the second pass
+        self.parts: dict[int, Tensor] = {}
         self.ones = torch.ones(self.batch, dtype=torch.float32, device=self.device)
         self.phase = "sum"
+
+    def assemble(self, device: torch.device) -> Tensor:
+        """The flat fp32 buffer of ``Σ_i c_i ∇_i`` over all parameters (after the second pass); each per-parameter
+        part is freed as soon as it is copied."""
+        mech = self.mech
+        flat = torch.zeros(mech.numel, dtype=torch.float32, device=device)
+        for p, off, n in zip(mech.params, mech._offsets, mech._sizes):
+            part = self.parts.pop(id(p), None)
+            if part is not None:
+                flat[off:off + n].copy_(part)
+            del part
+        return flat
 
     def _add_sum(self, module: nn.Module, kind: str, use: _Use) -> None:
         """Sum phase: ``flat[p] += Σ_i ∇_i`` of this use, from ``(a, g)`` where ``g`` already carries ``c_i``."""
@@ -719,7 +734,10 @@ class _GhostStep:
             if self.bad is not None:
                 plan = _drop_rows(plan, self.bad)
             off, n = mech._slices[id(p)]
-            _write(self.flat[off:off + n], p, plan, self.ones, 0.0, None, off, accumulate=True)
+            out = self.parts.get(id(p))
+            if out is None:
+                out = self.parts[id(p)] = torch.zeros(n, dtype=torch.float32, device=self.device)
+            _write(out, p, plan, self.ones, 0.0, None, off, accumulate=True)
         mech._opacus_cache.pop(id(use), None)
         use.a, use.g, use.edge = (), None, None
 

@@ -267,8 +267,15 @@ class DPStrategyBase(DDPStrategy):
         if self._snapshot_pending:
             self._buffer_snapshot = BufferSnapshot(self.lightning_module)
         record = None
-        if self._train_sampler is not None and self._mask_offset is not None:
-            record = self._train_sampler.pop_size(self._mask_offset + trainer.global_step)
+        if self._train_sampler is not None:
+            key = self._mask_offset + trainer.global_step
+            record = self._train_sampler.pop_size(key)
+            if record is None:
+                raise UnsafeSettingError(
+                    f"{type(self).__name__}: the batch of step {trainer.global_step} was not drawn by the strategy's "
+                    "sampler for this step (a batch skipped or fetched twice by the training loop?): its number of "
+                    "examples and its accounting are unknown. One batch must be one optimizer step."
+                )
         if record is not None:
             size, self._step_pass = record
             if is_empty_batch(batch) != (size == 0):

@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="examples B of the clip_and_noise_ rows form")
     parser.add_argument("--clip-numel", type=int, default=None, help="P of clip_and_noise_ (default: all params)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy host)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,6 +194,16 @@ def main() -> None:
         value = memory[name]
         text = "n/a" if value is None else f"{value / 2**20:.2f} MiB ({value / param_bytes:.3f} x parameters)"
         print(f"  {label:20s} {text}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "device": dev_name, "backend": args.backend, "dtype": args.dtype, "torch": torch.__version__,
+            "model": args.model, "tensors": len(params), "numel": numel, "parameter_bytes": param_bytes,
+            "ops": [{"op": name, "ms": seconds * 1e3, "gb_per_s": nbytes / seconds / 1e9,
+                     "vs_copy_floor": nbytes / seconds / floor} for name, seconds, nbytes in results],
+            "extra_peak_bytes": memory,
+        }, indent=2))
 
 
 if __name__ == "__main__":

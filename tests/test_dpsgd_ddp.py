@@ -10,7 +10,8 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpsgd.py")
 
 
-def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, lr=0.05, clipping="auto"):
+def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, lr=0.05, clipping="auto", extra=(),
+         expect_ok=True):
     out = str(tmp_path / name)
     # a child that inherits LOCAL_RANK & co. from an in-process Trainer believes an external launcher started it
     launcher_vars = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -19,9 +20,11 @@ def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, lr=0.
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--devices", str(devices), "--batch-size", str(batch_size), "--steps", str(steps),
-         "--noise-multiplier", str(noise_multiplier), "--lr", str(lr), "--clipping", clipping, "--out", out],
+         "--noise-multiplier", str(noise_multiplier), "--lr", str(lr), "--clipping", clipping, "--out", out, *extra],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
+    if not expect_ok:
+        return proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}.pt") for r in range(devices)]
 
@@ -61,3 +64,10 @@ def test_ghost_clipping_on_two_ranks_matches_book_keeping_in_one_process(tmp_pat
     assert torch.equal(r0["grads"], r1["grads"]) and torch.equal(r0["params"], r1["params"])
     assert [a + b for a, b in zip(r0["examples"], r1["examples"])] == single["examples"]
     torch.testing.assert_close(r0["grads"], single["grads"], atol=1e-6, rtol=1e-5)
+
+
+def test_ranks_with_different_training_set_sizes_are_refused(tmp_path):
+    """q = B·W/N assumes one N: ranks holding different data are refused on every rank (no rank is left hanging)."""
+    proc = _run(tmp_path, "uneven", devices=2, batch_size=4, steps=2, extra=("--uneven",), expect_ok=False)
+    assert proc.returncode != 0
+    assert "the training set size N differs across ranks (from 64 to 72)" in proc.stdout + proc.stderr

@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--noise-multiplier", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--clipping", default="auto")
+    parser.add_argument("--uneven", action="store_true", help="rank r holds 64 + 8r examples (must be refused)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -50,7 +51,8 @@ def main():
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[rec],
     )
-    trainer.fit(model, loader(linear_data(n=64), args.batch_size))
+    n = 64 + (8 * int(os.environ.get("LOCAL_RANK", 0)) if args.uneven else 0)
+    trainer.fit(model, loader(linear_data(n=n), args.batch_size))
     torch.save(
         {
             "params": flat_params(model),

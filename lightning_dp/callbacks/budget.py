@@ -74,42 +74,26 @@ class PrivacyBudget(Callback):
                 f"ε > {self.max_epsilon} (spent so far: {strategy.epsilon:.4f})"
             )
 
-    def _steps_within_budget(self, strategy: Any, limit: int) -> int:
-        """The largest k <= ``limit`` with ``epsilon_after(k) <= max_epsilon`` (ε grows with k)."""
-        if strategy.epsilon_after(0) > self.max_epsilon:
-            return 0
-        lo, hi = 0, 1
-        while hi <= limit and strategy.epsilon_after(hi) <= self.max_epsilon:
-            lo, hi = hi, hi * 2
-        hi = min(hi, limit + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if strategy.epsilon_after(mid) <= self.max_epsilon:
-                lo = mid
-            else:
-                hi = mid
-        return lo
-
     def _refuse_forced_overspend(self, trainer: Trainer) -> None:
         """``min_steps`` / ``min_epochs`` that would make Lightning run past the budget are refused up front."""
         fit_loop = trainer.fit_loop
         min_steps = fit_loop.epoch_loop.min_steps or 0
         min_epochs = fit_loop.min_epochs or 0
         per_epoch = trainer.num_training_batches
-        forced = max(min_steps, min_epochs * per_epoch if math.isfinite(per_epoch) else (1 if min_epochs else 0))
-        if min_epochs and not math.isfinite(per_epoch):
-            forced = max(forced, trainer.global_step + 1)
+        # epochs of unknown length force at least one more step each time a stop is ignored
+        unknown = trainer.global_step + 1 if min_epochs else 0
+        by_epochs = min_epochs * per_epoch if math.isfinite(per_epoch) else unknown
+        forced = max(min_steps, by_epochs)
         if forced <= trainer.global_step:
             return
         strategy = self._strategy(trainer)
-        need = forced - trainer.global_step
-        allowed = self._steps_within_budget(strategy, need)
-        if allowed < need:
+        spent = strategy.epsilon_after(forced - trainer.global_step)  # ε grows with the steps: one check suffices
+        if spent > self.max_epsilon:
             raise UnsafeSettingError(
-                f"PrivacyBudget(max_epsilon={self.max_epsilon}) can allow {allowed} more step(s), but the Trainer's "
+                f"PrivacyBudget(max_epsilon={self.max_epsilon}): the Trainer's "
                 f"min_steps={fit_loop.epoch_loop.min_steps} / min_epochs={fit_loop.min_epochs} force training up to "
-                f"step {forced}, and Lightning ignores a stop request until then: the run would spend more than "
-                "the budget. Lower `min_steps`/`min_epochs` or raise `max_epsilon`."
+                f"step {forced} (ε = {spent:.4g}), and Lightning ignores a stop request until then: the run would "
+                "spend more than the budget. Lower `min_steps`/`min_epochs` or raise `max_epsilon`."
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

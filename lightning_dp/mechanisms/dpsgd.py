@@ -208,7 +208,6 @@ class BookKeepingDPSGD:
         for n in self._sizes[:-1]:
             self._offsets.append(self._offsets[-1] + n)
         self.numel = sum(self._sizes)
-        self._slices = {id(p): (off, n) for p, off, n in zip(self.params, self._offsets, self._sizes)}
         self._uses: dict[int, list[_Use]] = {id(m): [] for _, m, _ in self._modules}
         self.capturing = False
         self.batch_size: int | None = None
@@ -723,7 +722,7 @@ class _GhostStep:
         return flat
 
     def _add_sum(self, module: nn.Module, kind: str, use: _Use) -> None:
-        """Sum phase: ``flat[p] += Σ_i ∇_i`` of this use, from ``(a, g)`` where ``g`` already carries ``c_i``."""
+        """Sum phase: ``parts[p] += Σ_i ∇_i`` of this use, from ``(a, g)`` where ``g`` already carries ``c_i``."""
         mech = self.mech
         for p in module.parameters(recurse=False):
             if not p.requires_grad:
@@ -733,11 +732,10 @@ class _GhostStep:
                 plan = ("dense", mech._dense(kind, module, use, p).reshape(self.batch, -1).contiguous())
             if self.bad is not None:
                 plan = _drop_rows(plan, self.bad)
-            off, n = mech._slices[id(p)]
             out = self.parts.get(id(p))
             if out is None:
-                out = self.parts[id(p)] = torch.zeros(n, dtype=torch.float32, device=self.device)
-            _write(out, p, plan, self.ones, 0.0, None, off, accumulate=True)
+                out = self.parts[id(p)] = torch.zeros(p.numel(), dtype=torch.float32, device=self.device)
+            _write(out, p, plan, self.ones, 0.0, None, 0, accumulate=True)  # no noise here: the offset is unused
         mech._opacus_cache.pop(id(use), None)
         use.a, use.g, use.edge = (), None, None
 

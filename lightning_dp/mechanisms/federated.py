@@ -46,6 +46,7 @@ from torch.utils.data import Sampler
 
 from custom_kernels.zo_perturb import mix_seed
 from lightning_dp.mechanisms.noise import GaussianNoise
+from lightning_dp.privacy.sampling import SizeRecords
 
 __all__ = [
     "AdapterVector",
@@ -68,7 +69,6 @@ PLACEMENTS = ("local", "distributed")
 _CLIENT_DOMAIN = 0xC11E  # separates the client-sampling stream from the others derived from the same seed
 _BATCH_DOMAIN = 0xBA7C
 _SPLIT_DOMAIN = 0x5B11
-_MAX_COUNT_RECORDS = 4096
 
 
 def is_lora_name(name: str) -> bool:
@@ -193,7 +193,7 @@ class FederatedBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.poisson = bool(poisson)
         self.step_source = step_source
-        self._counts: dict[int, int] = {}
+        self._counts = SizeRecords()
 
     def __len__(self) -> int:
         return self.schedule.steps_per_round
@@ -201,10 +201,8 @@ class FederatedBatchSampler(Sampler[list[int]]):
     def pop_count(self, global_step: int) -> int | None:
         """The number of examples of the batch yielded for ``global_step`` (``None`` if none was yielded); records
         of earlier steps are dropped."""
-        count = self._counts.pop(int(global_step), None)
-        for old in [k for k in self._counts if k < global_step]:
-            del self._counts[old]
-        return count
+        record = self._counts.pop(int(global_step))
+        return None if record is None else record[0]
 
     def batch_at(self, global_step: int) -> list[int]:
         round_index, slot, local = self.schedule.position(global_step)
@@ -220,9 +218,7 @@ class FederatedBatchSampler(Sampler[list[int]]):
         start = self.step_source()
         for k in range(len(self)):
             batch = self.batch_at(start + k)
-            self._counts[start + k] = len(batch)
-            if len(self._counts) > _MAX_COUNT_RECORDS:  # batches prefetched but never trained on
-                del self._counts[min(self._counts)]
+            self._counts.record(start + k, len(batch), 0)
             yield batch
 
 

@@ -31,13 +31,20 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from custom_kernels.zo_perturb import mix_seed
 
-__all__ = ["EmptyBatch", "OncePerPassBatchSampler", "PoissonBatchSampler", "poisson_dataloader", "is_empty_batch"]
+__all__ = [
+    "EmptyBatch",
+    "OncePerPassBatchSampler",
+    "PoissonBatchSampler",
+    "SizeRecords",
+    "is_empty_batch",
+    "poisson_dataloader",
+]
 
 _MASK_DOMAIN = 0x5A3D  # separates the sampling stream from any other stream derived from the same integers
 _MAX_RECORDS = 4096  # batch sizes kept for batches yielded ahead of training (prefetch); older ones are dropped
 
 
-class _SizeRecords:
+class SizeRecords:
     """``key -> (number of examples, pass)`` of the batches a sampler yielded, popped by the strategy when it trains
     on the batch of that key (the sampler runs in the main process, also with worker processes)."""
 
@@ -110,7 +117,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.step_source = step_source
         self._next_step = 0
-        self._sizes = _SizeRecords()
+        self._sizes = SizeRecords()
         self._passes = 0
 
     def __len__(self) -> int:
@@ -163,7 +170,7 @@ class OncePerPassBatchSampler(Sampler[list[int]]):
         self.num_samples = int(num_samples)
         self.step_source = step_source
         self.error = error
-        self._sizes = _SizeRecords()
+        self._sizes = SizeRecords()
         self._passes = 0
 
     def __len__(self) -> int:

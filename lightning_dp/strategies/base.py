@@ -124,7 +124,6 @@ class DPStrategyBase(DDPStrategy):
         self.expected_batch_size: float | None = None
         self.dataset_size: int | None = None
         self.planned_steps: int | None = None
-        self.planned_passes: int | None = None  # poisson_sampling=False: planned passes over the data
         self.steps_taken = 0  # optimizer steps accounted, over every fit and resume of this run
         self._collective: Collective | None = None
         self._noise: GaussianNoise | None = None
@@ -132,7 +131,7 @@ class DPStrategyBase(DDPStrategy):
         # per fit
         self._mask_offset: int | None = None
         self._train_sampler: PoissonBatchSampler | OncePerPassBatchSampler | None = None
-        self._steps_per_pass: float | None = None
+        self._steps_per_pass: int | None = None
         self._step_pass: Any = None  # the pass (epoch) of the batch of the current step
         self._accounted_pass: Any = None
         self._steps_in_pass = 0
@@ -266,17 +265,14 @@ class DPStrategyBase(DDPStrategy):
         self._check_step_invariants(trainer)
         if self._snapshot_pending:
             self._buffer_snapshot = BufferSnapshot(self.lightning_module)
-        record = None
         if self._train_sampler is not None:
-            key = self._mask_offset + trainer.global_step
-            record = self._train_sampler.pop_size(key)
+            record = self._train_sampler.pop_size(self._mask_offset + trainer.global_step)
             if record is None:
                 raise UnsafeSettingError(
                     f"{type(self).__name__}: the batch of step {trainer.global_step} was not drawn by the strategy's "
                     "sampler for this step (a batch skipped or fetched twice by the training loop?): its number of "
                     "examples and its accounting are unknown. One batch must be one optimizer step."
                 )
-        if record is not None:
             size, self._step_pass = record
             if is_empty_batch(batch) != (size == 0):
                 raise RuntimeError(f"internal error: the sampler selected {size} examples for this step's batch")
@@ -301,14 +297,19 @@ class DPStrategyBase(DDPStrategy):
             return
         snapshot, self._buffer_snapshot = self._buffer_snapshot, None
         self._snapshot_pending = False
+        self._refuse_changed_buffers(snapshot, "the forward pass of `training_step`")
+
+    def _refuse_changed_buffers(self, snapshot: BufferSnapshot, where: str) -> None:
+        """Any buffer changed since ``snapshot`` is put back and refused by name: a statistic of the training data
+        that no mechanism privatizes and that checkpoints would carry."""
         changed = snapshot.changed()
         if changed:
             snapshot.restore()  # a checkpoint written on the exception must not carry them
             raise UnsafeSettingError(
-                f"{type(self).__name__}: the forward pass of `training_step` changed the buffer(s) "
-                f"{', '.join(changed)}: a statistic of the training data that no mechanism privatizes and that "
-                "checkpoints would carry. Do not write buffers from training data (BatchNorm -> GroupNorm, "
-                "`track_running_stats=False`), or keep those modules in eval mode."
+                f"{type(self).__name__}: {where} changed the buffer(s) {', '.join(changed)}: a statistic of the "
+                "training data that no mechanism privatizes and that checkpoints would carry. Do not write buffers "
+                "from training data (BatchNorm -> GroupNorm, `track_running_stats=False`), or keep those modules in "
+                "eval mode."
             )
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -401,10 +402,9 @@ class DPStrategyBase(DDPStrategy):
             "epoch over all ranks. That cannot be checked on a stream: it is your dataset's promise.",
         )
         self._train_sampler = None
-        steps = getattr(dataloader, "__len__", None)
         try:
-            steps_per_epoch = len(dataloader) if steps is not None else None
-        except TypeError:
+            steps_per_epoch: int | None = len(dataloader)
+        except TypeError:  # a stream without a length
             steps_per_epoch = None
         self._configure_privacy(trainer, None, None, expected, steps_per_epoch)
         return dataloader
@@ -484,7 +484,6 @@ class DPStrategyBase(DDPStrategy):
             per_epoch = self._limited_steps_per_epoch(trainer, steps_per_epoch)
             by_steps = math.ceil(self.planned_steps / max(1, per_epoch))
             epochs = by_steps if epochs is None else min(epochs, by_steps)
-        self.planned_passes = epochs
         return epochs
 
     def _configure_privacy(
@@ -508,7 +507,7 @@ class DPStrategyBase(DDPStrategy):
         self.expected_batch_size = expected_batch_size
         self._steps_per_pass = None
         if not self.poisson_sampling and steps_per_epoch is not None:
-            self._steps_per_pass = float(self._limited_steps_per_epoch(trainer, steps_per_epoch))
+            self._steps_per_pass = self._limited_steps_per_epoch(trainer, steps_per_epoch)
         if self.delta is None:
             self.delta = restored.get("delta", default_delta(num_samples))
         self.planned_steps = self._planned_steps(trainer, steps_per_epoch)
@@ -574,7 +573,7 @@ class DPStrategyBase(DDPStrategy):
         per_pass = self._steps_per_pass
         if per_pass is None:  # a stream of unknown length: any step may start a new epoch
             return extra_steps
-        remaining = 0 if self._accounted_pass is None else max(0, int(per_pass) - self._steps_in_pass)
+        remaining = 0 if self._accounted_pass is None else max(0, per_pass - self._steps_in_pass)
         return 0 if extra_steps <= remaining else math.ceil((extra_steps - remaining) / per_pass)
 
     @property

@@ -20,7 +20,7 @@ from lightning_dp.mechanisms.zo import (
     clip_differences,
     privatize_projected_gradient,
 )
-from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError, _batch_size  # noqa: F401 (re-export)
+from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
 
 __all__ = ["DPZeroStrategy", "ZOPlan"]
 

@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_dp.mechanisms.buffers import BufferSnapshot, data_dependent_buffer_modules, describe_buffer_modules
+from lightning_dp.mechanisms.buffers import BufferSnapshot
 from lightning_dp.mechanisms.collective import LocalCollective, default_collective
 from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD
 from lightning_dp.mechanisms.federated import (
@@ -222,7 +222,6 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self.nonfinite_updates = 0
         """NON-PRIVATE diagnostic: how many uploads of this rank's clients had a non-finite update (NaN/inf) and
         contributed zero instead (noise only). It depends on the clients' data: never log, report or save it."""
-        self._sampling_seed_explicit = sampling_seed is not None  # only a seed the user chose may be saved
         # private, per-client state: statistics of the clients' data or of the secret client sampling. Never logged,
         # reported or saved (see `ClientUpload`).
         self._shard_sizes: list[int] | None = None
@@ -267,8 +266,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self._collective = default_collective()
         self._noise = GaussianNoise(self.root_device)
         self.seed = int(self.broadcast(secrets.randbits(62) if self.seed is None else self.seed))
-        sampling_seed = self.sampling_seed
-        self.sampling_seed = int(self.broadcast(secrets.randbits(62) if sampling_seed is None else sampling_seed))
+        self._draw_sampling_seed({})  # secret unless the user passed one; the base's dp_state_dict never saves it
         self.setup_mechanism(trainer)
 
     def _prepare_adapters(self, module: nn.Module) -> None:
@@ -305,13 +303,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
                 f"clients={self.num_clients} is not a multiple of the {world} ranks: every rank must host the same "
                 "number of clients (so all ranks reach each round's all-reduce together)"
             )
-        found = data_dependent_buffer_modules(module, train_mode_only=False)
-        if found:
-            raise UnsafeSettingError(
-                f"{describe_buffer_modules(found)} keep running statistics of each client's data in buffers that are "
-                "neither federated nor privatized (and are saved with the model). Replace them (BatchNorm -> "
-                "GroupNorm/LayerNorm) or construct them with `track_running_stats=False`."
-            )
+        self._refuse_data_dependent_buffers(module, "each client's statistics would be neither federated nor noised")
         self.schedule = RoundSchedule(self.num_clients // world, self.local_steps, self.global_rank)
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not trainable:
@@ -635,24 +627,11 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self._uploads.append(info)
         self.adapters.write_(self._global)
 
-    @torch.no_grad()
     def _check_buffers(self) -> None:
-        """Before a client's update is released: every buffer must be as it was before the first forward. A
-        buffer written from the client's data (a custom module, a norm layer switched to train mode with running
-        statistics) is an un-noised statistic of that data that the saved model would carry."""
-        if self._buffers is None:
-            return
-        changed = self._buffers.changed()
-        if not changed:
-            return
-        # put the data-dependent values back (best effort: a checkpoint written on the exception must not carry them)
-        self._buffers.restore()
-        raise UnsafeSettingError(
-            f"the forward pass of a client's local steps changed the buffer(s) {', '.join(changed)}: a statistic of "
-            "that client's data, neither federated nor privatized, that the saved model would carry. Do not write "
-            "buffers in `forward` from training data (BatchNorm -> GroupNorm/LayerNorm, `track_running_stats=False`),"
-            " or keep such modules in eval mode."
-        )
+        """Before a client's update is released: every buffer must be as it was before the first forward (a buffer
+        written from the client's data, e.g. by a custom module, would be an un-noised statistic of that data)."""
+        if self._buffers is not None:
+            self._refuse_changed_buffers(self._buffers, "the forward pass of a client's local steps")
 
     @torch.no_grad()
     def _end_round(self, round_index: int, trainer: Any) -> None:
@@ -820,15 +799,6 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         return self.accountant.epsilon(self.delta, (self.noise_multiplier, self.sample_rate, max(0, done)))
 
     # ------------------------------------------------------------------ checkpoints
-    def dp_state_dict(self) -> dict[str, Any]:
-        """The base class's DP state, never with a ``sampling_seed`` drawn from OS entropy: it keys the client
-        sampling, every local batch and the default split, so whoever knew it could tell which clients took part in
-        each round (voiding the amplification by sampling). A seed the user passed (tests) may be saved."""
-        state = super().dp_state_dict()
-        if not self._sampling_seed_explicit:
-            state.pop("sampling_seed", None)
-        return state
-
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Only released state goes into a checkpoint: the global adapters (mid-round, the module holds a client's
         local, un-noised adapters) and no optimizer state (the optimizer holds the last client's state, e.g. a

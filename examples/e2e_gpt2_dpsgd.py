@@ -49,7 +49,7 @@ def load_tokenizer(model: str | None, data_dir: str | None):
 
     path = os.path.join(data_dir or "", "tokenizers", "gpt2")
     if not os.path.isfile(os.path.join(path, "vocab.json")):
-        raise SystemExit(f"no GPT-2 tokenizer in {path!r}: pass --data-dir (see /work/shared/data/README.md)")
+        raise SystemExit(f"no GPT-2 tokenizer in {path!r}: pass --data-dir (a folder with tokenizers/gpt2/)")
     tokenizer = GPT2TokenizerFast.from_pretrained(path)
     if len(tokenizer) < 50000:
         raise RuntimeError(f"the tokenizer loaded from {path!r} has only {len(tokenizer)} tokens")

@@ -269,3 +269,19 @@ def test_privacy_budget_logs_reports_and_stops(tmp_path):
 def test_privacy_budget_needs_a_dp_strategy():
     with pytest.raises(TypeError, match="privacy_report"):
         L.Trainer(callbacks=[PrivacyBudget()], **trainer_kwargs()).fit(TinyClassifier(), loader(linear_data()))
+
+
+def test_privacy_budget_verifies_many_steps_per_accountant_evaluation(tmp_path):
+    """With max_epsilon, the stop still comes right before the step that would exceed it, but the accountant is
+    evaluated O(log T) times, not at every step (one PRV evaluation can take seconds on a CPU)."""
+    budget = PrivacyBudget(max_epsilon=6.0, log_every_n_steps=10_000)
+    strategy = DPZeroStrategy(noise_multiplier=1.0, accountant="rdp")
+    calls = []
+    compute = strategy.accountant._compute
+    strategy.accountant._compute = lambda history, delta: calls.append(len(calls)) or compute(history, delta)
+    trainer = L.Trainer(strategy=strategy, callbacks=[budget], **trainer_kwargs(max_steps=500, default_root_dir=tmp_path))
+    trainer.fit(TinyClassifier(), loader(linear_data(), 8))
+    steps = strategy.accountant.steps
+    assert 50 < steps < 500 and budget.stopped_at_step == steps
+    assert strategy.epsilon <= 6.0 < strategy.epsilon_after(1)  # the same stop as a check at every step
+    assert len(calls) < steps / 4, (len(calls), steps)

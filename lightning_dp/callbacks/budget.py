@@ -20,13 +20,15 @@ class PrivacyBudget(Callback):
     """Track the ε a DP strategy has spent.
 
     - logs ``epsilon`` (and ``delta``) to the progress bar and the loggers every ``log_every_n_steps`` steps
-      (default 1: every step; the PRV accountant costs tens of milliseconds per evaluation);
+      (default 1: every step; one evaluation of the PRV accountant can take a second or more on a CPU, so log less
+      often on long runs);
     - writes the strategy's ``privacy_report()`` as ``privacy_report.json`` to the Trainer's log directory (or
       ``report_path``) when training ends;
     - with ``max_epsilon``, stops training before the step that would spend more than ``max_epsilon`` (useful when
       the strategy was given a ``noise_multiplier`` rather than a target ε). Lightning ignores a stop request until
       the Trainer's ``min_steps`` / ``min_epochs`` are reached, so a minimum that would force steps past the budget
-      is refused before training starts, and a step that would exceed the budget raises instead of running.
+      is refused before training starts, and a step that would exceed the budget raises instead of running. The
+      check verifies many steps with one accountant evaluation (see ``_next_step_within_budget``).
 
     Works with any strategy that has a ``privacy_report()`` method and, for ``max_epsilon``, ``epsilon_after(k)``.
     """
@@ -48,6 +50,8 @@ class PrivacyBudget(Callback):
         self.prog_bar = prog_bar
         self.stopped_at_step: int | None = None
         self._last_logged: float | None = None
+        # (mechanism, steps taken when verified, k): ε after k more steps from there was checked to be within budget
+        self._verified: tuple[tuple, int, int] | None = None
 
     @staticmethod
     def _strategy(trainer: Trainer) -> Any:
@@ -62,11 +66,40 @@ class PrivacyBudget(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._strategy(trainer)
 
+    def _next_step_within_budget(self, strategy: Any) -> bool:
+        """Whether one more step keeps ε ≤ ``max_epsilon``.
+
+        One accountant evaluation costs up to seconds (PRV on a CPU), so for the strategies of this library
+        (``DPStrategyBase.epsilon_after``: each further step is the same mechanism at the same σ and q) a check
+        verifies several steps at once: ε after k more steps is nondecreasing in k, so if it is within budget for k,
+        every one of the next k steps is. k doubles up to the planned steps; the verification is dropped when σ, q
+        or δ change or the step count goes back (a new fit). Other strategies are checked at every step."""
+        from lightning_dp.strategies.base import DPStrategyBase
+
+        if type(strategy).epsilon_after is not DPStrategyBase.epsilon_after:
+            return strategy.epsilon_after(1) <= self.max_epsilon
+        steps = strategy.steps_taken
+        mechanism = (strategy.delta, strategy.noise_multiplier, strategy.effective_noise_multiplier,
+                     strategy.sample_rate, strategy.poisson_sampling, id(strategy.accountant))
+        if self._verified is not None:
+            known, at, k = self._verified
+            if known == mechanism and at <= steps and steps + 1 <= at + k:
+                return True
+        limit = max(1, (strategy.planned_steps or 0) - steps)
+        good, k = 0, 1
+        while strategy.epsilon_after(k) <= self.max_epsilon:
+            good = k
+            if k >= limit:
+                break
+            k = min(2 * k, limit)
+        self._verified = (mechanism, steps, good)
+        return good >= 1
+
     def _stop_if_next_step_exceeds(self, trainer: Trainer) -> None:
         if self.max_epsilon is None:
             return
         strategy = self._strategy(trainer)
-        if strategy.epsilon_after(1) > self.max_epsilon:
+        if not self._next_step_within_budget(strategy):
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
             rank_zero_info(
@@ -106,7 +139,7 @@ class PrivacyBudget(Callback):
         if self.max_epsilon is None:
             return
         strategy = self._strategy(trainer)
-        if strategy.epsilon_after(1) > self.max_epsilon:
+        if not self._next_step_within_budget(strategy):
             raise UnsafeSettingError(
                 f"PrivacyBudget: the next step would spend ε = {strategy.epsilon_after(1):.4f} > max_epsilon = "
                 f"{self.max_epsilon}, and training did not stop when asked (spent so far: {strategy.epsilon:.4f}). "

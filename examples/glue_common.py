@@ -168,8 +168,13 @@ def label_description_head(encoder, tokenizer, descriptions, scale: float = 20.0
     return head
 
 
-def zero_head(in_features: int, labels: int) -> nn.Linear:
-    head = nn.Linear(in_features, labels)
+def initial_head(task: str, encoder, tokenizer, pairs: bool, scale: float = 20.0) -> nn.Linear:
+    """The head training starts from: the label-description head where the task has descriptions (single
+    sentences), else zeros over the features (``[u, v, |u-v|, u*v]`` for pairs). Data-free either way."""
+    descriptions = LABEL_DESCRIPTIONS.get(task)
+    if descriptions and not pairs:
+        return label_description_head(encoder, tokenizer, descriptions, scale)
+    head = nn.Linear(encoder.config.hidden_size * (4 if pairs else 1), num_labels(task))
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
@@ -280,19 +285,16 @@ class Features(Dataset):
 
 class Encoded(Dataset):
     """Rows of (sentence, label) tokenized once, padded to ``max_length`` (trimmed per batch by ``collate``). Rows of
-    (text_a, text_b, label): with ``separate=True`` the two texts are tokenized apart (``input_ids_b``: the
-    sentence-embedding classifier), otherwise as one pair (a cross-encoder such as ``AutoModelForSequenceClassification``)."""
+    (text_a, text_b, label): the two texts are tokenized apart (``input_ids_b``), as the sentence-embedding classifier
+    embeds them separately."""
 
-    def __init__(self, rows, tokenizer, max_length, separate: bool = False):
-        pairs = len(rows[0]) == 3
-        kw = dict(truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-        if pairs and separate:
-            a, b = tokenizer([r[0] for r in rows], **kw), tokenizer([r[1] for r in rows], **kw)
-            self.tensors = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"],
-                            "input_ids_b": b["input_ids"], "attention_mask_b": b["attention_mask"]}
-        else:
-            enc = tokenizer([r[0] for r in rows], [r[1] for r in rows] if pairs else None, **kw)
-            self.tensors = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    def __init__(self, rows, tokenizer, max_length):
+        kw = {"truncation": True, "max_length": max_length, "padding": "max_length", "return_tensors": "pt"}
+        a = tokenizer([r[0] for r in rows], **kw)
+        self.tensors = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"]}
+        if len(rows[0]) == 3:
+            b = tokenizer([r[1] for r in rows], **kw)
+            self.tensors.update(input_ids_b=b["input_ids"], attention_mask_b=b["attention_mask"])
         self.tensors["labels"] = torch.tensor([r[-1] for r in rows])
 
     def __len__(self):
@@ -318,8 +320,7 @@ class Classifier(L.LightningModule):
     """Cross-entropy classifier whose ``training_step`` returns the loss of each example (the one thing DP needs).
 
     ``optimizer``: ``"sgd"`` (what DPZero's zeroth-order step takes: lr, weight decay, schedulers) or ``"adam"``
-    (DP-Adam under ``DPSGDStrategy``). ``net(batch)`` returns the logits: a ``SentenceClassifier``, or any Hugging
-    Face ``...ForSequenceClassification`` model (``HFLogits``)."""
+    (DP-Adam under ``DPSGDStrategy``). ``net(batch)`` returns the logits (a ``SentenceClassifier``)."""
 
     def __init__(self, net: nn.Module, lr: float, num_classes: int = 2, optimizer: str = "sgd",
                  average: str = "micro", decay_steps: int = 0):
@@ -346,17 +347,6 @@ class Classifier(L.LightningModule):
         # linear decay to 0 over `decay_steps` optimizer steps (a post-processing of the released values: free)
         decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / self.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
-
-
-class HFLogits(nn.Module):
-    """A Hugging Face ``...ForSequenceClassification`` model as ``batch → logits``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 class DevHistory(L.Callback):
@@ -414,12 +404,7 @@ def build(args):
     tokenizer = load_tokenizer(args.model)
     encoder = load_encoder(args.model)
     pairs = len(train_rows[0]) == 3
-    width = encoder.config.hidden_size * (4 if pairs else 1)
-    descriptions = LABEL_DESCRIPTIONS.get(args.task)
-    if descriptions and not pairs:
-        head = label_description_head(encoder, tokenizer, descriptions, args.head_scale)
-    else:
-        head = zero_head(width, num_labels(args.task))
+    head = initial_head(args.task, encoder, tokenizer, pairs, args.head_scale)
     if args.trainable == "head":
         key = f"{args.model}:{args.task}"
         feats = [encode_features(encoder, tokenizer, rows, args.max_length, args.encode_precision,
@@ -433,8 +418,8 @@ def build(args):
 
         encoder = get_peft_model(encoder, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
     net = SentenceClassifier(head, encoder, pairs=pairs)
-    train = Encoded(train_rows, tokenizer, args.max_length, separate=True)
-    dev = Encoded(dev_rows, tokenizer, args.max_length, separate=True)
+    train = Encoded(train_rows, tokenizer, args.max_length)
+    dev = Encoded(dev_rows, tokenizer, args.max_length)
     return net, train, dev, collate
 
 

@@ -53,7 +53,6 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from glue_common import (
     DEFAULT_DATA_DIR,
-    LABEL_DESCRIPTIONS,
     MINILM,
     TASKS,
     Classifier,
@@ -61,12 +60,11 @@ from glue_common import (
     SentenceClassifier,
     accuracy,
     collate,
-    label_description_head,
+    initial_head,
     load_encoder,
     load_tokenizer,
     num_labels,
     read_glue,
-    zero_head,
 )
 
 from lightning_dp.mechanisms.federated import split_by_label, split_iid
@@ -142,19 +140,16 @@ def main(argv=None):
     tokenizer, encoder = load_tokenizer(args.model), load_encoder(args.model)
     encoder.requires_grad_(False)  # the strategy injects LoRA; the adapters and the head are what trains
     pairs = len(train_rows[0]) == 3
-    if args.task in LABEL_DESCRIPTIONS:
-        head = label_description_head(encoder, tokenizer, LABEL_DESCRIPTIONS[args.task], args.head_scale)
-    else:
-        head = zero_head(encoder.config.hidden_size * (4 if pairs else 1), labels)
+    head = initial_head(args.task, encoder, tokenizer, pairs, args.head_scale)
     # Adam is built after the strategy injected LoRA: only the adapters (and the head copy) require grad
     module = Classifier(SentenceClassifier(head, encoder, pairs=pairs), args.lr, labels, optimizer="adam")
     if args.iid:
         partition = split_iid(len(train_rows), args.clients, seed=args.seed)
     else:
         partition = split_by_label([r[-1] for r in train_rows], args.clients, args.alpha, seed=args.seed)
-    train = DataLoader(Encoded(train_rows, tokenizer, args.max_length, separate=True), batch_size=args.batch_size,
+    train = DataLoader(Encoded(train_rows, tokenizer, args.max_length), batch_size=args.batch_size,
                        collate_fn=collate)
-    dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length, separate=True), batch_size=256, collate_fn=collate)
+    dev = DataLoader(Encoded(dev_rows, tokenizer, args.max_length), batch_size=256, collate_fn=collate)
 
     privacy = {"noise_multiplier": args.noise_multiplier} if args.noise_multiplier is not None else {"eps": args.eps}
     strategy = DPLoRAFederatedStrategy(

@@ -17,14 +17,18 @@ Variants (each measured in its own child process, so peaks and allocator state n
                   + ``DPLossFastGradientClipping`` (what ``PrivacyEngine.make_private(grad_sample_mode="ghost")``
                   builds): two backward passes, no per-sample gradients for linear layers.
 
-All variants use ``torch.optim.SGD`` (no state), fp32, the model in ``train()`` mode with every dropout set to 0
+All variants use ``torch.optim.SGD`` (no state; ``--optimizer adam``: Adam, whose two state buffers are allocated on
+the first step), fp32, the model in ``train()`` mode with every dropout set to 0
 (Opacus records activations only in train mode; dropout off keeps the variants computing the same function).
 A variant that fails (e.g. a layer Opacus does not support) is reported as ``failed: <reason>``.
 
 Time is the median over ``--repeats`` steps after ``--warmup`` steps (the fastest step is shown too). Memory is the
 peak growth over the memory held when only the model, the batch and the libraries are resident (see
-``benchmarks/_common.py``): on CUDA ``max_memory_allocated`` minus the resident allocation, on CPU the kernel's RSS
-high-water mark minus the RSS after ``malloc_trim``. Ratios are against ``non-private``.
+``benchmarks/_common.py``), over the whole run from the first step (``--memory-window run``, the default: the first
+step of ours is the checked one, and the optimizer allocates its state there) or over ``--mem-steps`` steps after the
+warm-up and timed steps (``--memory-window steady``): on CUDA ``max_memory_allocated`` minus the resident
+allocation, on CPU the kernel's RSS high-water mark minus the RSS after ``malloc_trim``. Ratios are against
+``non-private``.
 
 Target: DP-SGD step time <= 1.15x and peak memory <= 1.10x of the non-private step.
 """
@@ -59,14 +63,20 @@ from _common import (  # noqa: E402
 )
 
 VARIANTS = ("non-private", "ours", "ours-ghost", "opacus-hooks", "opacus-ghost")
+TRAINER_VARIANTS = ("non-private", "ours", "ours-ghost")
 LR = 1e-4
 CLIP = 1.0
 NOISE_MULTIPLIER = 1.0
 
 
 # ---------------------------------------------------------------------------------------------- step functions
-def nonprivate_step(model, batch, device):
-    opt = torch.optim.SGD(trainable_params(model), lr=LR)
+def make_optimizer(params, name: str):
+    params = list(params)
+    return torch.optim.Adam(params, lr=LR) if name == "adam" else torch.optim.SGD(params, lr=LR)
+
+
+def nonprivate_step(model, batch, device, optimizer: str = "sgd"):
+    opt = make_optimizer(trainable_params(model), optimizer)
 
     def step(t: int) -> None:
         opt.zero_grad(set_to_none=True)
@@ -76,14 +86,14 @@ def nonprivate_step(model, batch, device):
     return step
 
 
-def ours_step(model, batch, device, mode: str = "bk"):
+def ours_step(model, batch, device, optimizer: str = "sgd", mode: str = "bk"):
     """One step as ``DPSGDStrategy.training_step`` + ``backward`` + ``_release`` run it, without Lightning: the
     first step is the checked one (ordinary backward), later ones stop backward at the hooked outputs."""
     from lightning_dp.mechanisms.collective import LocalCollective
     from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD
 
     mech = BookKeepingDPSGD(model, CLIP, mode=mode)
-    opt = torch.optim.SGD(mech.params, lr=LR)
+    opt = make_optimizer(mech.params, optimizer)
     collective = LocalCollective()
     b = batch["labels"].shape[0]
 
@@ -107,17 +117,17 @@ def ours_step(model, batch, device, mode: str = "bk"):
     return step
 
 
-def ours_ghost_step(model, batch, device):
-    return ours_step(model, batch, device, mode="ghost")
+def ours_ghost_step(model, batch, device, optimizer: str = "sgd"):
+    return ours_step(model, batch, device, optimizer, mode="ghost")
 
 
-def opacus_hooks_step(model, batch, device):
+def opacus_hooks_step(model, batch, device, optimizer: str = "sgd"):
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     b = batch["labels"].shape[0]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(trainable_params(model), lr=LR), noise_multiplier=NOISE_MULTIPLIER,
+    opt = DPOptimizer(make_optimizer(trainable_params(model), optimizer), noise_multiplier=NOISE_MULTIPLIER,
                       max_grad_norm=CLIP, expected_batch_size=b, loss_reduction="mean")
 
     def step(t: int) -> None:
@@ -128,7 +138,7 @@ def opacus_hooks_step(model, batch, device):
     return step
 
 
-def opacus_ghost_step(model, batch, device):
+def opacus_ghost_step(model, batch, device, optimizer: str = "sgd"):
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -136,7 +146,7 @@ def opacus_ghost_step(model, batch, device):
     b = batch["labels"].shape[0]
     gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=CLIP,
                                                use_ghost_clipping=True)
-    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(trainable_params(model), lr=LR),
+    opt = DPOptimizerFastGradientClipping(make_optimizer(trainable_params(model), optimizer),
                                           noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP,
                                           expected_batch_size=b, loss_reduction="mean")
     criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(), loss_reduction="mean")
@@ -150,13 +160,82 @@ def opacus_ghost_step(model, batch, device):
     return step
 
 
+def fit_measure(model, batch, device, variant: str, optimizer: str, warmup: int, repeats: int, mem_steps: int,
+                clock: str, window: str) -> dict:
+    """``--trainer``: the steps run by ``Trainer.fit`` (``non-private``: Lightning's default strategy and the mean
+    loss; ``ours`` / ``ours-ghost``: ``DPSGDStrategy(noise_multiplier=1, poisson_sampling=False)``), the same
+    batch at every step. Step time from ``on_train_batch_start`` to ``on_train_batch_end`` (optimizer step
+    included); memory as in :func:`measure_steps`, the probe started before ``fit``."""
+    import lightning as L
+
+    from lightning_dp import DPSGDStrategy
+
+    b = batch["labels"].shape[0]
+    private = variant != "non-private"
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, data, batch_idx):
+            ids, mask, labels = data
+            losses = per_example_loss(self.model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+            return {"loss": losses.mean(), "per_sample_loss": losses} if private else losses.mean()
+
+        def configure_optimizers(self):
+            return make_optimizer(trainable_params(self.model), optimizer)
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def _tick(self) -> float:
+            return time.process_time() if clock == "cpu" else now(device)
+
+        def on_train_batch_start(self, *args) -> None:
+            self._start = self._tick()
+
+        def on_train_batch_end(self, *args) -> None:
+            self.times.append(self._tick() - self._start)
+
+    steps = warmup + repeats + (max(1, mem_steps) if repeats == 0 else 0)
+    data = torch.utils.data.TensorDataset(*(batch[k].repeat(steps, *([1] * (batch[k].dim() - 1)))
+                                            for k in ("input_ids", "attention_mask", "labels")))
+    loader = torch.utils.data.DataLoader(data, batch_size=b, shuffle=False)
+    strategy = (DPSGDStrategy(noise_multiplier=NOISE_MULTIPLIER, clip=CLIP, poisson_sampling=False,
+                              clipping="ghost" if variant == "ours-ghost" else "auto") if private else "auto")
+    clock_cb = Clock()
+    trainer = L.Trainer(strategy=strategy, accelerator=device.type, devices=1, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[clock_cb])
+    probe = PeakMemory(device)
+    measure_memory = repeats == 0
+    if measure_memory:
+        probe.start()
+    trainer.fit(Module(), loader)
+    if not measure_memory:
+        return {"times": clock_cb.times[warmup:]}
+    baseline, peak, method = probe.stop()
+    return {"times": [], "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
+
+
 STEPS = {"non-private": nonprivate_step, "ours": ours_step, "ours-ghost": ours_ghost_step,
          "opacus-hooks": opacus_hooks_step,
          "opacus-ghost": opacus_ghost_step}
 
 
 # ---------------------------------------------------------------------------------------------- child: one variant
-def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock: str = "wall") -> dict:
+def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock: str = "wall",
+                  window: str = "steady") -> dict:
+    probe = PeakMemory(device)
+    if window == "run" and repeats == 0:  # the memory child: the peak over the whole run, first step included
+        probe.start()
+        for t in range(warmup + max(1, mem_steps)):
+            step(t)
+        baseline, peak, method = probe.stop()
+        return {"times": [], "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
     for t in range(warmup):
         step(t)
     times = []
@@ -166,7 +245,6 @@ def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock
         step(t)
         times.append(tick() - start)
     # memory on separate steps: the allocator trim before them must not slow the timed steps down
-    probe = PeakMemory(device)
     probe.start()
     for t in range(warmup + repeats, warmup + repeats + max(1, mem_steps)):
         step(t)
@@ -193,8 +271,15 @@ def child_main(args) -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
-        step = STEPS[args.variant](model, batch, device)
-        out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps, args.clock)
+        if args.trainer:
+            if args.variant not in TRAINER_VARIANTS or args.memory_window != "run":
+                raise ValueError(f"--trainer runs {TRAINER_VARIANTS} with --memory-window run")
+            out = fit_measure(model, batch, device, args.variant, args.optimizer, args.warmup, args.repeats,
+                              args.mem_steps, args.clock, args.memory_window)
+        else:
+            step = STEPS[args.variant](model, batch, device, args.optimizer)
+            out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps, args.clock,
+                                args.memory_window)
     except Exception as err:  # noqa: BLE001 - reported as a failed row
         msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
         emit_result({"variant": args.variant, "params": n_params, "model_bytes": model_bytes, "failed": msg})
@@ -208,10 +293,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_args(p, VARIANTS, mem_steps=1)
     p.add_argument("--lora", type=int, default=0,
-                   help="train peft LoRA adapters of this rank on query/value (+ the classifier) instead of all weights")
+                   help="train peft LoRA adapters of this rank on query/value (+ the classifier) instead of all "
+                        "weights")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: the process's CPU time (CPU device only; with --threads 1 it is "
                         "the work done, robust to other processes competing for the cores)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--trainer", action="store_true",
+                   help=f"run the steps through Trainer.fit (variants {', '.join(TRAINER_VARIANTS)})")
+    p.add_argument("--memory-window", choices=["run", "steady"], default="run",
+                   help="run: peak over the whole run from the first step; steady: over --mem-steps steps after the "
+                        "warm-up and timed steps")
     return p.parse_args(argv)
 
 
@@ -226,7 +318,8 @@ def main(argv=None) -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown or "non-private" not in variants:
         raise SystemExit(f"--variants must include 'non-private' and only use {VARIANTS}; got {variants}")
-    forwarded = [*step_flags(args), f"--lora={args.lora}", f"--clock={args.clock}"]
+    forwarded = [*step_flags(args), f"--lora={args.lora}", f"--clock={args.clock}", f"--optimizer={args.optimizer}",
+                 f"--memory-window={args.memory_window}", *(["--trainer"] if args.trainer else [])]
     script = os.path.abspath(__file__)
     load_before = load_average()
     runs: dict[str, list[dict]] = {v: [] for v in variants}

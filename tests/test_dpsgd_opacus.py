@@ -2,8 +2,8 @@
 
 Opacus reference: ``GradSampleModule`` (hooks mode, ``loss_reduction="sum"``) on a deep copy of the model, the
 per-sample gradients ``p.grad_sample`` of one backward of ``Σ_i ℓ_i``, clipped and summed by Opacus's own
-``DPOptimizer.clip_and_accumulate`` (flat clipping ``c_i = min(1, C / (||g_i|| + 1e-6))``, noise 0). A tiny RoBERTa is checked against both Opacus and
-the per-example autograd loop of ``tests/test_dpsgd_mechanism.py``.
+``DPOptimizer.clip_and_accumulate`` (flat clipping ``c_i = min(1, C / (||g_i|| + 1e-6))``, noise 0).
+A tiny RoBERTa is checked against both Opacus and the per-example autograd loop of ``tests/test_dpsgd_mechanism.py``.
 
 Opacus only captures activations of modules in ``train()`` mode, so models here are in train mode with dropout 0.
 """
@@ -13,9 +13,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from test_dpsgd_mechanism import check_against_reference, mechanism_sum
+from torch import nn
 
 opacus = pytest.importorskip("opacus")
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

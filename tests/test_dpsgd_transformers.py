@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_dpsgd_mechanism import check_against_reference
 
 transformers = pytest.importorskip("transformers")

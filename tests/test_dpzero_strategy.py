@@ -11,7 +11,14 @@ from helpers import TinyClassifier, flat_params, linear_data, loader, trainer_kw
 from opacus.accountants.utils import get_noise_multiplier
 
 from custom_kernels import normal_stream
-from lightning_dp import DPZeroStrategy, EmptyBatch, PerSampleLossError, PrivacyBudget, UnsafeSettingError
+from lightning_dp import (
+    DPZeroStrategy,
+    EmptyBatch,
+    IncompatibleStrategyError,
+    PerSampleLossError,
+    PrivacyBudget,
+    UnsafeSettingError,
+)
 
 
 def fit(model, strategy, data=None, batch_size=8, **kw):
@@ -27,7 +34,8 @@ def test_trains_and_calibrates_sigma_with_opacus():
     fit(model, strategy, max_steps=12)
     report = strategy.privacy_report()
     expected_sigma = get_noise_multiplier(
-        target_epsilon=3.0, target_delta=64**-1.1, sample_rate=8 / 64, steps=12, accountant="rdp", epsilon_tolerance=0.01
+        target_epsilon=3.0, target_delta=64**-1.1, sample_rate=8 / 64, steps=12, accountant="rdp",
+        epsilon_tolerance=0.01,
     )
     assert report["noise_multiplier"] == expected_sigma
     assert report["delta"] == pytest.approx(64**-1.1)
@@ -259,15 +267,16 @@ def test_privacy_budget_logs_reports_and_stops(tmp_path):
     assert 0 < steps < 500
     assert strategy.epsilon <= 2.0 < strategy.epsilon_after(1)  # stopped right before exceeding
     assert budget.stopped_at_step == steps
-    assert trainer.callback_metrics["epsilon"].item() == pytest.approx(strategy.epsilon, rel=1e-6)
+    assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(strategy.epsilon, rel=1e-6)
+    assert trainer.callback_metrics["privacy/delta"].item() == pytest.approx(strategy.delta)
     report = json.loads((tmp_path / "lightning_logs" / "version_0" / "privacy_report.json").read_text())
     assert report["epsilon"] == pytest.approx(strategy.epsilon) and report["stopped_by_budget_at_step"] == steps
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    assert "epsilon" in metrics
+    assert "privacy/epsilon" in metrics and "privacy/delta" in metrics
 
 
 def test_privacy_budget_needs_a_dp_strategy():
-    with pytest.raises(TypeError, match="privacy_report"):
+    with pytest.raises(IncompatibleStrategyError, match="privacy_report"):
         L.Trainer(callbacks=[PrivacyBudget()], **trainer_kwargs()).fit(TinyClassifier(), loader(linear_data()))
 
 
@@ -279,7 +288,8 @@ def test_privacy_budget_verifies_many_steps_per_accountant_evaluation(tmp_path):
     calls = []
     compute = strategy.accountant._compute
     strategy.accountant._compute = lambda history, delta: calls.append(len(calls)) or compute(history, delta)
-    trainer = L.Trainer(strategy=strategy, callbacks=[budget], **trainer_kwargs(max_steps=500, default_root_dir=tmp_path))
+    kw = trainer_kwargs(max_steps=500, default_root_dir=tmp_path)
+    trainer = L.Trainer(strategy=strategy, callbacks=[budget], **kw)
     trainer.fit(TinyClassifier(), loader(linear_data(), 8))
     steps = strategy.accountant.steps
     assert 50 < steps < 500 and budget.stopped_at_step == steps

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
-import glue_common
+import glue_common  # noqa: E402 (the examples folder is not a package)
 
-from lightning_dp import DPSGDStrategy, DPZeroStrategy
-from lightning_dp.strategies.federated import DPLoRAFederatedStrategy
+from lightning_dp import DPSGDStrategy, DPZeroStrategy  # noqa: E402
+from lightning_dp.strategies.federated import DPLoRAFederatedStrategy  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not glue_common.minilm_available(),
@@ -53,13 +53,12 @@ def test_data_free_head_separates_clear_sentiment(minilm):
 
 
 def _module(minilm, trainable: str, optimizer: str):
-    _, tokenizer, encoder = minilm
-    encoder = glue_common.load_encoder("minilm")  # a fresh copy per test: steps change it
-    encoder.requires_grad_(trainable == "all")
-    head = glue_common.label_description_head(encoder, tokenizer, glue_common.LABEL_DESCRIPTIONS["sst2"])
-    net = glue_common.SentenceClassifier(head, encoder)
-    data = DataLoader(glue_common.Encoded(SENTENCES, tokenizer, 32), batch_size=8, collate_fn=glue_common.collate)
-    return glue_common.Classifier(net, 1e-4, optimizer=optimizer), data
+    """The examples' Classifier (a fresh encoder per test: steps change it) and a loader of tokenized sentences."""
+    _, tokenizer, _ = minilm
+    module = glue_common.Classifier(trainable=trainable, lr=1e-4, optimizer=optimizer, lr_schedule="constant")
+    data = DataLoader(glue_common.Tokenized(SENTENCES, tokenizer, 32), batch_size=8,
+                      collate_fn=glue_common.PadPairs(tokenizer))
+    return module, data
 
 
 def _fit(strategy, module, data, **trainer_kw):
@@ -91,7 +90,7 @@ def test_dpsgd_two_private_steps_on_minilm(minilm):
 def test_federated_dplora_two_private_rounds_on_minilm(minilm):
     from peft import LoraConfig
 
-    module, data = _module(minilm, "lora", "adam")
+    module, data = _module(minilm, "adapters", "adam")
     strategy = DPLoRAFederatedStrategy(
         eps=8, clip=1.0, rounds=2, local_steps=1, clients=2, partition=[list(range(8)), list(range(8, 16))],
         lora=LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["head"]))
@@ -101,33 +100,3 @@ def test_federated_dplora_two_private_rounds_on_minilm(minilm):
     report = strategy.privacy_report()
     assert report["rounds"] == 2 and report["epsilon"] > 0
     assert report["communication"]["adapter_parameters"] > 0
-
-
-def _tiny_glue(tmp_path):
-    """A GLUE-format SST-2 folder of a few sentences (the examples read ``--data-dir``; nothing is downloaded)."""
-    root = tmp_path / "glue" / "SST-2"
-    root.mkdir(parents=True)
-    rows = "".join(f"{s} \t{y}\n" for s, y in SENTENCES)
-    for split in ("train", "dev"):
-        (root / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
-    return str(tmp_path)
-
-
-def test_examples_run_end_to_end_at_a_tiny_size(minilm, tmp_path):
-    """The README's main command and the other SST-2 examples, at a tiny size: data-free start, training, report."""
-    import glue_federated_dplora
-    import sst2_dpsgd
-    import sst2_dpzero
-
-    data = _tiny_glue(tmp_path)
-    common = ["--data-dir", data, "--batch-size", "4", "--max-steps", "3", "--val-every", "3"]
-    for example in (sst2_dpzero, sst2_dpsgd):
-        result, report = example.main(common)
-        assert result["start_acc"] == 1.0  # the data-free head gets these clear sentences right
-        assert 0 < report["epsilon"] <= 8.0 + 1e-6 and report["steps"] == 3
-        assert [step for step, _ in result["history"]] == [3]
-    history, report = glue_federated_dplora.main(["--data-dir", data, "--train-size", "16", "--eval-size", "8",
-                                                  "--clients", "2", "--rounds", "1", "--local-steps", "1",
-                                                  "--batch-size", "4", "--rank", "2"])
-    assert len(history) == 1 and report["rounds"] == 1 and 0 < report["epsilon"] <= 8.0 + 1e-6
-    assert report["majority_rate"] == 0.5 and report["start_accuracy"] == 1.0

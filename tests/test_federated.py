@@ -11,9 +11,9 @@ import sys
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import linear_data, loader, trainer_kwargs
 from torch import nn
 
-from helpers import linear_data, loader, trainer_kwargs
 from lightning_dp.mechanisms.federated import (
     AdapterVector,
     aggregate_uploads,

@@ -12,12 +12,12 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import linear_data, loader, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import linear_data, loader, trainer_kwargs
 from lightning_dp.mechanisms.federated import clip_update, privatize_upload
 from lightning_dp.mechanisms.noise import GaussianNoise
 from lightning_dp.mechanisms.per_sample import PerSampleLossError
@@ -442,3 +442,18 @@ def test_validation_mid_round_sees_the_global_adapters():
     assert len(seen) >= 4 and any(not torch.equal(a, seen[0]) for a in seen)
     for a, b in zip(seen, released):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- constructor
+def test_constructor_is_keyword_only_with_the_shared_arguments_first():
+    import inspect
+
+    params = list(inspect.signature(DPLoRAFederatedStrategy.__init__).parameters.values())[1:]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)  # no positional, no **kwargs
+    names = [p.name for p in params]
+    assert names[:7] == ["eps", "delta", "noise_multiplier", "clip", "accountant", "seed", "sampling_seed"]
+    assert names[-4:] == ["cluster_environment", "process_group_backend", "timeout", "start_method"]
+    with pytest.raises(TypeError):
+        DPLoRAFederatedStrategy(3.0)
+    with pytest.raises(TypeError, match="find_unused_parameters"):
+        DPLoRAFederatedStrategy(eps=3.0, find_unused_parameters=True)

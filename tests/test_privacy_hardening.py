@@ -218,7 +218,7 @@ def test_gradient_accumulation_scheduler_is_refused_at_setup():
             max_epochs=2, max_steps=-1)
 
 
-# ---------------------------------------------------------------------------------------------- 5. data-dependent buffers
+# ------------------------------------------------------------------------------------------ 5. data-dependent buffers
 class WithNorm(TinyClassifier):
     def __init__(self, norm):
         super().__init__()

@@ -125,7 +125,8 @@ def test_unknown_constant_input_is_a_clear_error():
     with pytest.raises(ValueError, match="objective"):
         data_free_mask(model, list(model.parameters()), 0.1, "zo_hessian")
     with pytest.raises(ValueError, match="parameters of the module"):
-        data_free_mask(model, list(TinyClassifier().parameters()), 0.1, "zo_hessian", objective=lambda m: m.net[0].weight.sum())
+        data_free_mask(model, list(TinyClassifier().parameters()), 0.1, "zo_hessian",
+                       objective=lambda m: m.net[0].weight.sum())
 
 
 # ---------------------------------------------------------------------------------------------- sparse kernels

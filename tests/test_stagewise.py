@@ -158,7 +158,8 @@ def test_proximal_update_formula_and_anchor_per_stage():
     for t in range(1, 5):
         model, strategy = models[t + 1]
         seed = strategy.directions.seed_for(t)
-        z = torch.cat([normal_stream(seed, o, p.numel()) for p, o in zip(model.parameters(), strategy.directions.offsets)])
+        offsets = strategy.directions.offsets
+        z = torch.cat([normal_stream(seed, o, p.numel()) for p, o in zip(model.parameters(), offsets)])
         anchor = thetas[0] if t < 3 else thetas[3]  # stage 1 starts at step 3
         expected = thetas[t] - lr * (strategy.last_step.projected_grad * z + gamma * (thetas[t] - anchor))
         torch.testing.assert_close(thetas[t + 1], expected, atol=1e-6, rtol=0)

@@ -283,3 +283,104 @@ def test_global_rng_untouched(backend):
     state = torch.get_rng_state()
     perturb_([torch.zeros(1000)], [0], 1, 1.0, seed2=2, scale2=1.0, backend=backend)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------------------------------------- reference threads
+def _reference_by_definition(seed: int, offset: int, count: int) -> torch.Tensor:
+    """The reference stream from its definition: block ``b`` is ``torch.randn`` of a generator seeded with
+    ``mix_seed(seed, b)``, drawn on one thread, block after block."""
+    gen, parts = torch.Generator(), []
+    for b, start in enumerate(range(0, count, BLOCK)):
+        gen.manual_seed(mix_seed(seed, offset // BLOCK + b))
+        parts.append(torch.randn(min(BLOCK, count - start), generator=gen))
+    return torch.cat(parts)
+
+
+def _with_threads(threads: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _threaded_case(dtype: torch.dtype, masked: bool, fused: bool, decay: bool) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5 * BLOCK + 17, 3, 2 * BLOCK, BLOCK - 1, 3 * BLOCK + 1]  # 13 blocks of uneven sizes
+    tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    indices = None
+    if masked:  # every other tensor sparse: distinct, unsorted flat indices (int32 and int64)
+        indices = [
+            torch.randperm(t.numel(), generator=gen)[: (t.numel() + 1) // 2].to(torch.int32 if k % 4 else torch.int64)
+            if k % 2 == 0 else None
+            for k, t in enumerate(tensors)
+        ]
+    offsets = offsets_for(tensors, indices)
+    kwargs = {"indices": indices, "backend": "torch"}
+    if fused:
+        kwargs.update(seed2=12, scale2=[-0.25, 0.0, 0.5, 1.0, -1.0])
+    if decay:
+        kwargs["decay"] = [0.99, 1.0, 0.5, 0.9, 0.999]
+    perturb_(tensors, offsets, 11, [0.5, 1.0, 0.0, -2.0, 0.125], **kwargs)
+    return tensors
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize(
+    ("dtype", "masked", "fused", "decay"),
+    [
+        (torch.float32, False, False, False),
+        (torch.float32, False, True, True),
+        (torch.float32, True, False, False),
+        (torch.float32, True, True, True),
+        (torch.bfloat16, False, True, True),
+        (torch.bfloat16, True, True, False),
+        (torch.float64, False, True, False),
+    ],
+)
+def test_reference_threads_do_not_change_a_value(threads, dtype, masked, fused, decay):
+    """The blocks are spread over ``torch.get_num_threads()`` workers: the result is bit-identical to one thread's,
+    for dense and sparse tensors, one or two fused streams, decay and low precision."""
+    one = _with_threads(1, lambda: _threaded_case(dtype, masked, fused, decay))
+    many = _with_threads(threads, lambda: _threaded_case(dtype, masked, fused, decay))
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_reference_stream_keeps_its_definition(threads):
+    """With any number of threads, the reference stream is the per-block ``torch.randn`` of the module docstring,
+    value for value (so directions of earlier runs and checkpoints are unchanged)."""
+    count, offset = 7 * BLOCK + 5, 3 * BLOCK
+    z = _with_threads(threads, lambda: normal_stream(77, offset, count, backend="torch"))
+    assert torch.equal(z, _reference_by_definition(77, offset, count))
+    theta = torch.zeros(count)
+    _with_threads(threads, lambda: perturb_([theta], [offset], 77, 1.0, seed2=78, scale2=-1.0, backend="torch"))
+    assert torch.equal(theta, _reference_by_definition(77, offset, count) - _reference_by_definition(78, offset, count))
+
+
+def test_reference_threads_update_parameters_that_require_grad():
+    """Grad mode is per thread: the workers update leaf parameters in place as the caller's ``no_grad`` does."""
+    params = [torch.nn.Parameter(torch.zeros(3 * BLOCK)), torch.nn.Parameter(torch.zeros(2 * BLOCK + 1))]
+    offsets = offsets_for(params)
+    _with_threads(4, lambda: perturb_(params, offsets, 5, 1.0, seed2=6, scale2=0.5, backend="torch"))
+    for p, o in zip(params, offsets):
+        assert p.grad_fn is None and p.requires_grad
+        expected = _reference_by_definition(5, o, p.numel()) + 0.5 * _reference_by_definition(6, o, p.numel())
+        assert torch.equal(p.detach(), expected)
+
+
+def test_reference_uses_a_small_persistent_pool_of_num_threads():
+    """Several threads take part, as many as ``torch.get_num_threads()`` (the caller included), and the same pool
+    serves the next call."""
+    import threading
+
+    def workers_after_call() -> set[threading.Thread]:
+        perturb_([torch.zeros(16 * BLOCK)], [0], 1, 1.0, backend="torch")
+        return {t for t in threading.enumerate() if t.name.startswith("zo_perturb")}
+
+    first = _with_threads(4, workers_after_call)
+    assert len(first) == 3  # plus the calling thread: 4 workers
+    assert _with_threads(4, workers_after_call) == first
+    assert len(_with_threads(2, workers_after_call)) == 1

@@ -77,7 +77,8 @@ def test_auto_uses_three_passes_when_user_code_may_read_parameters():
 
     def resolved(model, callbacks):
         strategy = DPZeroStrategy(noise_multiplier=1.0)
-        L.Trainer(strategy=strategy, callbacks=callbacks, **trainer_kwargs(max_steps=1)).fit(model, loader(linear_data()))
+        trainer = L.Trainer(strategy=strategy, callbacks=callbacks, **trainer_kwargs(max_steps=1))
+        trainer.fit(model, loader(linear_data()))
         return strategy.schedule
 
     assert resolved(TinyClassifier(), [PrivacyBudget()]) == "two_pass"
@@ -95,7 +96,8 @@ def test_interrupted_run_leaves_clean_parameters():
     model = TinyClassifier()
     strategy = DPZeroStrategy(noise_multiplier=0.0, clip=2.0, seed=17, sampling_seed=4, zo_schedule="two_pass")
     with pytest.raises(RuntimeError, match="interrupted"):
-        L.Trainer(strategy=strategy, callbacks=[Boom()], **trainer_kwargs(max_steps=10)).fit(model, loader(linear_data()))
+        trainer = L.Trainer(strategy=strategy, callbacks=[Boom()], **trainer_kwargs(max_steps=10))
+        trainer.fit(model, loader(linear_data()))
     assert strategy.directions.pending == {}
     m3, s3 = _run("three_pass", 3)
     torch.testing.assert_close(flat_params(model), flat_params(m3), atol=1e-6, rtol=0)

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset, default_collate
 
 from lightning_dp.audit import AuditResult, audit_from_scores
+from lightning_dp.errors import ConfigurationError
 from lightning_dp.mechanisms.per_sample import per_sample_loss
 
 __all__ = ["CanaryAudit"]
@@ -104,7 +105,7 @@ class CanaryAudit(Callback):
     def attach(self, dataset: Dataset) -> Dataset:
         """``dataset`` followed by the included canaries (each with probability ½, by the secret coins)."""
         if self._attached:
-            raise RuntimeError("CanaryAudit.attach was already called: one audit audits one training set")
+            raise ConfigurationError("CanaryAudit.attach was already called: one audit audits one training set")
         self._attached = True
         chosen = self._included.nonzero().flatten().tolist()
         return ConcatDataset([dataset, Subset(self.canaries, chosen)])  # type: ignore[arg-type]
@@ -122,7 +123,7 @@ class CanaryAudit(Callback):
                 batch = _to_device(self.collate_fn(items), device)
                 losses = self.loss_fn(module, batch)
                 if losses.shape != (len(items),):
-                    raise ValueError(f"loss_fn returned shape {tuple(losses.shape)} for {len(items)} canaries")
+                    raise ConfigurationError(f"loss_fn returned shape {tuple(losses.shape)} for {len(items)} canaries")
                 out.append(losses.detach().double().cpu())
         finally:
             module.train(was_training)
@@ -130,12 +131,12 @@ class CanaryAudit(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._attached:
-            raise RuntimeError(
+            raise ConfigurationError(
                 "CanaryAudit: call `train_set = audit.attach(train_set)` and train on the returned dataset, so the "
                 "canaries go through the training data path"
             )
         if trainer.world_size > 1 and not self._seeded:
-            raise RuntimeError(
+            raise ConfigurationError(
                 "CanaryAudit under DDP needs the same canaries and coins on every rank: pass the same `seed=` on "
                 "every rank (keep it secret from the audited code)"
             )
@@ -150,7 +151,7 @@ class CanaryAudit(Callback):
         report = strategy.privacy_report() if callable(getattr(strategy, "privacy_report", None)) else None
         delta = self.delta if self.delta is not None else (report or {}).get("delta")
         if delta is None:
-            raise ValueError("CanaryAudit: without a DP strategy, give the δ to test with `delta=`")
+            raise ConfigurationError("CanaryAudit: without a DP strategy, give the δ to test with `delta=`")
         claimed = None if report is None else float(report["epsilon"])
         self.result = audit_from_scores(self.scores, self.included, delta, self.beta, self.num_guesses, claimed)
         rank_zero_info(f"CanaryAudit: {self.result}")

@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_dp.errors import UnsafeSettingError
+from lightning_dp.errors import IncompatibleStrategyError, PrivacyBudgetExceededError, UnsafeSettingError
 
 __all__ = ["PrivacyBudget"]
 
@@ -19,9 +19,10 @@ __all__ = ["PrivacyBudget"]
 class PrivacyBudget(Callback):
     """Track the ε a DP strategy has spent.
 
-    - logs ``epsilon`` (and ``delta``) to the progress bar and the loggers every ``log_every_n_steps`` steps
-      (default 1: every step; one evaluation of the PRV accountant can take a second or more on a CPU, so log less
-      often on long runs);
+    - logs ``privacy/epsilon`` (also to the progress bar) and ``privacy/delta`` to the loggers every
+      ``log_every_n_steps`` steps (default: the Trainer's ``log_every_n_steps``; one evaluation of the PRV accountant
+      can take a second or more on a CPU, so log less often on long runs). Both are in ``trainer.callback_metrics``,
+      so ``ModelCheckpoint`` / ``EarlyStopping`` can monitor them;
     - writes the strategy's ``privacy_report()`` as ``privacy_report.json`` to the Trainer's log directory (or
       ``report_path``) when training ends;
     - with ``max_epsilon``, stops training before the step that would spend more than ``max_epsilon`` (useful when
@@ -31,18 +32,36 @@ class PrivacyBudget(Callback):
       check verifies many steps with one accountant evaluation (see ``_next_step_within_budget``).
 
     Works with any strategy that has a ``privacy_report()`` method and, for ``max_epsilon``, ``epsilon_after(k)``.
+
+    Args:
+        max_epsilon: stop before the step that would spend more than this ε (``None``: never stop).
+        log_every_n_steps: log every this many steps; ``None`` (default) follows the Trainer's ``log_every_n_steps``.
+        report_path: where the JSON report is written (default: ``privacy_report.json`` in the log directory).
+        prog_bar: show ε in the progress bar.
+
+    Raises:
+        IncompatibleStrategyError: at setup, the Trainer's strategy has no ``privacy_report()``.
+        UnsafeSettingError: before training, ``min_steps``/``min_epochs`` would force steps past ``max_epsilon``.
+        PrivacyBudgetExceededError: a step that would exceed ``max_epsilon`` was about to run (the stop request was
+            overridden).
     """
+
+    reads_parameters = False
+    """Never reads the parameters between steps (DPZeroStrategy keeps its two-pass schedule with it)."""
+
+    EPSILON_KEY = "privacy/epsilon"
+    DELTA_KEY = "privacy/delta"
 
     def __init__(
         self,
         max_epsilon: float | None = None,
-        log_every_n_steps: int = 1,
+        log_every_n_steps: int | None = None,
         report_path: str | None = None,
         prog_bar: bool = True,
     ) -> None:
         if max_epsilon is not None and not (max_epsilon > 0 and math.isfinite(max_epsilon)):
             raise ValueError(f"`max_epsilon` must be a finite number > 0, got {max_epsilon!r}")
-        if log_every_n_steps < 1:
+        if log_every_n_steps is not None and not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 1):
             raise ValueError(f"`log_every_n_steps` must be >= 1, got {log_every_n_steps}")
         self.max_epsilon = max_epsilon
         self.log_every_n_steps = log_every_n_steps
@@ -57,7 +76,7 @@ class PrivacyBudget(Callback):
     def _strategy(trainer: Trainer) -> Any:
         strategy = trainer.strategy
         if not callable(getattr(strategy, "privacy_report", None)):
-            raise TypeError(
+            raise IncompatibleStrategyError(
                 f"PrivacyBudget needs a DP strategy with `privacy_report()` (e.g. DPZeroStrategy); "
                 f"got {type(strategy).__name__}"
             )
@@ -140,19 +159,25 @@ class PrivacyBudget(Callback):
             return
         strategy = self._strategy(trainer)
         if not self._next_step_within_budget(strategy):
-            raise UnsafeSettingError(
+            raise PrivacyBudgetExceededError(
                 f"PrivacyBudget: the next step would spend ε = {strategy.epsilon_after(1):.4f} > max_epsilon = "
                 f"{self.max_epsilon}, and training did not stop when asked (spent so far: {strategy.epsilon:.4f}). "
                 "Something overrides the stop (min_steps/min_epochs, another callback resetting `should_stop`)."
             )
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._stop_if_next_step_exceeds(trainer)
-        if trainer.global_step % self.log_every_n_steps:
+        every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        if trainer.global_step % every:
             return
         report = self._strategy(trainer).privacy_report()
         self._last_logged = float(report["epsilon"])
-        pl_module.log("epsilon", self._last_logged, prog_bar=self.prog_bar, on_step=True, on_epoch=False, rank_zero_only=True)
+        log = dict(on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log(self.EPSILON_KEY, self._last_logged, prog_bar=self.prog_bar, **log)
+        if report.get("delta") is not None:
+            pl_module.log(self.DELTA_KEY, float(report["delta"]), **log)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         report = self._strategy(trainer).privacy_report()
@@ -165,4 +190,6 @@ class PrivacyBudget(Callback):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
-        rank_zero_info(f"PrivacyBudget: ε = {report['epsilon']:.4f} at δ = {report['delta']:.3g}; report written to {path}")
+        rank_zero_info(
+            f"PrivacyBudget: ε = {report['epsilon']:.4f} at δ = {report['delta']:.3g}; report written to {path}"
+        )

@@ -8,6 +8,7 @@ from typing import Any, Callable, Literal
 from torch import Tensor, nn
 
 from custom_kernels.zo_perturb import mix_seed
+from lightning_dp.errors import ConfigurationError
 from lightning_dp.mechanisms.zo import PRUNING_SCORES, data_free_mask
 from lightning_dp.strategies.dpzero import DPZeroStrategy, ZOPlan
 
@@ -110,11 +111,13 @@ class ZOPruning(ZOPlan):
         if self.recompute == "stage":
             stages = [plan for plan in strategy.zo_plans if isinstance(plan, StagewiseZO)]
             if not stages:
-                raise ValueError("ZOPruning(recompute='stage') recomputes the mask per stage of a StagewiseZO callback: add one")
+                raise ConfigurationError(
+                    "ZOPruning(recompute='stage') recomputes the mask per stage of a StagewiseZO callback: add one"
+                )
             self._stages = stages[0]
         if resumed:
             if strategy.directions.indices is None:
-                raise ValueError(
+                raise ConfigurationError(
                     "ZOPruning: the checkpoint holds no mask (it was not written by a pruned run); the mask of a "
                     "resumed run must be the one it was trained with"
                 )

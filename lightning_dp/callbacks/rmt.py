@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from custom_kernels.zo_perturb import mix_seed
 from lightning_dp.denoise import NORM_CORRECTIONS, SVD_METHODS, denoise_matrix, weight_matrices
+from lightning_dp.errors import ConfigurationError, IncompatibleStrategyError
 from lightning_dp.strategies.dpsgd import DPSGDStrategy
 
 __all__ = ["RMTDenoise"]
@@ -95,7 +96,7 @@ class RMTDenoise(Callback):
             return
         strategy = trainer.strategy
         if not isinstance(strategy, DPSGDStrategy):
-            raise TypeError(
+            raise IncompatibleStrategyError(
                 "RMTDenoise removes the DP noise of the private gradient written by DPSGDStrategy, whose per-entry "
                 f"std it reads from `strategy.gradient_noise_std`; got strategy {type(strategy).__name__}. Use "
                 "`Trainer(strategy=DPSGDStrategy(...), callbacks=[RMTDenoise()])`."
@@ -104,7 +105,7 @@ class RMTDenoise(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.targets = weight_matrices(pl_module, self.layers, embeddings=self.embeddings, min_dim=self.min_dim)
         if not self.targets:
-            raise ValueError(
+            raise ConfigurationError(
                 f"RMTDenoise found no trainable weight matrix to denoise (linear layers with min(m, n) >= "
                 f"min_dim={self.min_dim}, layers={self.layers!r}, embeddings={self.embeddings}); lower `min_dim` or "
                 "remove the callback"

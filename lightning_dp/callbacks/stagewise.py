@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_dp.errors import ConfigurationError
 from lightning_dp.mechanisms.zo import StagewiseSchedule
 from lightning_dp.strategies.dpzero import DPZeroStrategy, ZOPlan
 
@@ -97,14 +98,14 @@ class StagewiseZO(ZOPlan):
     def zo_setup(self, strategy: DPZeroStrategy, trainer: Any, resumed: bool) -> None:
         self._schedule = None  # resolved at the first step, once the strategy knows its planned steps
         if self.lr_decay != 1.0 and trainer.lr_scheduler_configs:
-            raise ValueError(
+            raise ConfigurationError(
                 "StagewiseZO sets the learning rate per stage (lr_decay) through the optimizer's param groups; an LR "
                 "scheduler would overwrite it. Remove the scheduler from `configure_optimizers`, or pass lr_decay=1."
             )
         strategy.prox = self.prox
         if resumed:
             if self.prox > 0 and strategy.directions.anchor is None:
-                raise ValueError(
+                raise ConfigurationError(
                     "StagewiseZO(prox>0): the checkpoint holds no proximal anchor (it was not written by a stagewise "
                     "run with prox > 0); the stage's start point is unknown"
                 )

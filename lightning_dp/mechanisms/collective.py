@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import torch.distributed as dist
 from torch import Tensor
 

@@ -27,6 +27,11 @@ hooked outputs, hands each hook an output gradient that already carries ``c_i``,
 ``Σ_i c_i ∇_i`` (book-keeping from its ``a``) into the flat buffer and frees it. The released sum is formed only from
 what the hooks decompose: autograd's ``.grad`` is never read, as in bk mode after the first step.
 
+Physical batches (a logical batch larger than memory, run in chunks): each chunk's forward and backward run in turn
+and :meth:`BookKeepingDPSGD.accumulate` adds its clipped sum into the flat buffer (``c_i`` is per example, so the
+chunks' sums add up to the batch's), freeing its stored inputs and output gradients before the next chunk's forward;
+:meth:`BookKeepingDPSGD.private_sum` of the last chunk adds its sum, the noise (once) and the all-reduce.
+
 Tied parameters (one parameter used by several modules, or one module called several times, e.g. GPT-2's
 ``wte``/``lm_head``): the per-example gradient is the sum over uses, so its norm is not the sum of per-use norms.
 For such a parameter the per-example gradient of every use is instantiated (``[B, *shape]``, e.g. ``B × V × d`` for a
@@ -58,16 +63,13 @@ from torch.autograd.graph import get_gradient_edge
 
 from custom_kernels.clip_noise import clip_and_noise_, clip_coefficients, factor_sq_norms, gram, uses_gram
 from custom_kernels.zo_perturb import mix_seed
+from lightning_dp.errors import UnsupportedLayerError
 from lightning_dp.mechanisms.collective import Collective
 
 __all__ = ["CLIPPING_MODES", "BookKeepingDPSGD", "DPSGDStepResult", "UnsupportedLayerError"]
 
 _BATCH_MIXING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 CLIPPING_MODES = ("bk", "ghost")
-
-
-class UnsupportedLayerError(TypeError):
-    """A trainable parameter belongs to a module whose per-example gradients cannot be computed."""
 
 
 @dataclass
@@ -89,6 +91,24 @@ class DPSGDStepResult:
     sq_norms: Tensor | None = field(default=None, repr=False)  # this rank's per-example squared norms (not private)
     nonfinite: int = field(default=0, repr=False)  # NOT private: see the class docstring
     verified: bool = False
+
+    @classmethod
+    def merge(cls, parts: list[DPSGDStepResult]) -> DPSGDStepResult:
+        """One step's result from those of its chunks (:meth:`BookKeepingDPSGD.accumulate`, then the
+        :meth:`~BookKeepingDPSGD.private_sum` of the last one): counts add up, the norms are concatenated, the noise
+        is the release's, and the step is ``verified`` only if every chunk was."""
+        if len(parts) == 1:
+            return parts[0]
+        n = sum(r.num_examples for r in parts)
+        norms = [r.sq_norms for r in parts if r.sq_norms is not None]
+        return cls(
+            num_examples=n,
+            clipped_fraction=sum(r.clipped_fraction * r.num_examples for r in parts) / n if n else 0.0,
+            noise_std=parts[-1].noise_std,
+            sq_norms=torch.cat(norms) if norms else None,
+            nonfinite=sum(r.nonfinite for r in parts),
+            verified=all(r.verified for r in parts),
+        )
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -224,7 +244,12 @@ class BookKeepingDPSGD:
         self._handles = []
 
     def reset(self) -> None:
+        """Drop everything the hooks stored. Each use's fields are cleared too: its output's autograd node holds the
+        hook that holds the use, and the use holds that node's edge, a cycle that would keep the stored inputs alive
+        after a checked (ordinary) backward, which does not clear the edges."""
         for uses in self._uses.values():
+            for use in uses:
+                use.a, use.g, use.edge = (), None, None
             uses.clear()
         self._opacus_cache.clear()
         self._ghost = None
@@ -368,21 +393,71 @@ class BookKeepingDPSGD:
         collective: Collective,
         device: torch.device,
         reference_grads: dict[int, Tensor] | None = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, DPSGDStepResult]:
         """``Σ_i c_i ∇_i`` (+ N(0, noise_std²) on rank 0), all-reduced (SUM) over ranks, as one flat fp32 buffer.
 
-        ``reference_grads`` (``id(p) -> autograd's gradient of Σ_i ℓ_i``): if given, check first that the hooks
-        account for all of it (see :meth:`_verify`)."""
+        The release of a step: call it once per step, after the backward of the step's last (or only) chunk.
+
+        Args:
+            batch: the examples of the chunk whose backward just ran (0: an empty batch, only noise).
+            noise_std: σC, the std of the noise (fused into the pass that writes the chunk's clipped sum).
+            collective: the ranks' all-reduce.
+            device: where the flat buffer lives.
+            reference_grads: ``id(p) -> autograd's gradient of Σ_i ℓ_i``: if given, check first that the hooks
+                account for all of it (see :meth:`_verify`). Consumed: each entry is removed once checked (so it is
+                freed before the flat buffer is allocated).
+            out: the clipped sums of the step's earlier chunks (from :meth:`accumulate`), to which this chunk's sum
+                and the noise are added; ``None``: a single chunk.
+        """
         seed = secrets.randbits(63) if noise_std > 0 and collective.rank == 0 else None
         std = noise_std if seed is not None else 0.0
+        flat, result = self._clipped_sum(batch, device, reference_grads, out, std, seed)
+        collective.all_reduce_sum(flat)
+        result.noise_std = float(noise_std)
+        return flat, result
+
+    @torch.no_grad()
+    def accumulate(
+        self,
+        batch: int,
+        device: torch.device,
+        reference_grads: dict[int, Tensor] | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, DPSGDStepResult]:
+        """``out <- out + Σ_i c_i ∇_i`` of the chunk whose backward just ran: no noise, no all-reduce (the step's
+        :meth:`private_sum` adds them once, with its last chunk). Clip factors are per example, so the sum over the
+        chunks is the clipped sum of the whole batch.
+
+        Args:
+            batch: the examples of the chunk (> 0).
+            device: where the flat buffer lives.
+            reference_grads: as in :meth:`private_sum` (the check of the first step, per chunk).
+            out: the flat fp32 buffer of the earlier chunks' sums; ``None``: a new one.
+        """
+        if batch <= 0:
+            raise ValueError(f"a chunk to accumulate needs examples, got {batch}")
+        return self._clipped_sum(batch, device, reference_grads, out, 0.0, None)
+
+    def _clipped_sum(
+        self,
+        batch: int,
+        device: torch.device,
+        reference_grads: dict[int, Tensor] | None,
+        out: Tensor | None,
+        std: float,
+        seed: int | None,
+    ) -> tuple[Tensor, DPSGDStepResult]:
+        """``Σ_i c_i ∇_i`` of the chunk (+ ``std · ξ(seed)``) written into ``out`` (added) or a new zero buffer."""
+        if out is not None and (out.dtype != torch.float32 or out.numel() != self.numel):
+            raise ValueError(f"`out` must be a flat float32 buffer of {self.numel} elements")
         if self.mode == "ghost":
-            return self._ghost_private_sum(batch, noise_std, std, seed, collective, device)
-        flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
+            return self._ghost_clipped_sum(batch, device, out, std, seed)
         sq = torch.zeros(batch, dtype=torch.float32, device=device)
         # plans[id(p)]: ("factors", a, g) | ("dense", G) | ("embedding", ids, g, padding_idx)
         plans: dict[int, tuple] = {}
+        uses_of: dict[int, list[tuple[str, nn.Module, str, _Use]]] = {}
         if batch > 0:
-            uses_of: dict[int, list[tuple[str, nn.Module, str, _Use]]] = {}
             for name, mod, kind in self._modules:
                 for use in self._uses[id(mod)]:
                     if use.g is None:  # output did not reach the loss
@@ -430,32 +505,44 @@ class BookKeepingDPSGD:
             verified = self._verify(plans, reference_grads, batch, device)
         if nonfinite:
             plans = {k: _drop_rows(plan, bad) for k, plan in plans.items()}
+        # the flat buffer is allocated only now (the check above has consumed autograd's gradients), and each use's
+        # stored input and output gradient are freed as soon as the last of its parameters is written
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=device) if out is None else out
+        pending: dict[int, int] = {}
+        for uses in uses_of.values():
+            for use in uses:
+                pending[id(use[3])] = pending.get(id(use[3]), 0) + 1
         for p, off, n in zip(self.params, self._offsets, self._sizes):
-            _write(flat[off:off + n], p, plans.get(id(p)), coeffs, std, seed, off)
-        collective.all_reduce_sum(flat)
+            _write(flat[off:off + n], p, plans.pop(id(p), None), coeffs, std, seed, off, accumulate=out is not None)
+            for *_, use in uses_of.pop(id(p), ()):
+                pending[id(use)] -= 1
+                if not pending[id(use)]:
+                    self._opacus_cache.pop(id(use), None)
+                    use.a, use.g = (), None
         clipped = float((coeffs < 1).float().mean().item()) if batch > 0 else 0.0
         self.reset()
-        return flat, DPSGDStepResult(batch, clipped, float(noise_std), sq, nonfinite, verified)
+        return flat, DPSGDStepResult(batch, clipped, 0.0, sq, nonfinite, verified)
 
-    def _ghost_private_sum(self, batch: int, noise_std: float, std: float, seed: int | None, collective: Collective,
-                           device: torch.device) -> tuple[Tensor, DPSGDStepResult]:
-        """Ghost mode: :meth:`backward`'s hooks wrote ``Σ_i c_i ∇_i`` into the step's flat buffer; add the noise."""
+    def _ghost_clipped_sum(self, batch: int, device: torch.device, out: Tensor | None, std: float,
+                           seed: int | None) -> tuple[Tensor, DPSGDStepResult]:
+        """Ghost mode: :meth:`backward`'s hooks wrote ``Σ_i c_i ∇_i`` into per-parameter buffers; add them (and the
+        noise) into the flat buffer."""
         ghost, self._ghost_result = self._ghost_result, None
         if batch > 0:
             if ghost is None or ghost.batch != batch:
                 raise RuntimeError("DP-SGD ghost clipping: private_sum without a matching backward(losses)")
-            flat = ghost.assemble(device)
+            flat = ghost.assemble(device, out)
         else:
-            flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        for p, off, n in zip(self.params, self._offsets, self._sizes):
-            _write(flat[off:off + n], p, None, None, std, seed, off)
+            flat = torch.zeros(self.numel, dtype=torch.float32, device=device) if out is None else out
+        if std:
+            for p, off, n in zip(self.params, self._offsets, self._sizes):
+                _write(flat[off:off + n], p, None, None, std, seed, off)
         self.clear_grads()
-        collective.all_reduce_sum(flat)
         self.reset()
         if batch == 0:
-            return flat, DPSGDStepResult(0, 0.0, float(noise_std), torch.zeros(0, device=device))
+            return flat, DPSGDStepResult(0, 0.0, 0.0, torch.zeros(0, device=device))
         clipped = float((ghost.coeffs < 1).float().mean().item())
-        return flat, DPSGDStepResult(batch, clipped, float(noise_std), ghost.sq, ghost.nonfinite, ghost.verified)
+        return flat, DPSGDStepResult(batch, clipped, 0.0, ghost.sq, ghost.nonfinite, ghost.verified)
 
     def _verify(self, plans: dict[int, tuple], reference: dict[int, Tensor], batch: int, device: torch.device) -> bool:
         """Σ_i ∇_i rebuilt from the hooks must equal autograd's gradient of Σ_i ℓ_i (catches parameters used
@@ -482,7 +569,7 @@ class BookKeepingDPSGD:
         floor = 1e-5 * float(torch.stack(refs).norm()) if refs else 0.0
         names = {id(p): n for n, p in self._named}
         for p in self.params:
-            ref = reference.get(id(p))
+            ref = reference.pop(id(p), None)  # consumed: each gradient is freed once checked
             if ref is None:
                 continue
             ref = ref.detach().float().reshape(-1)
@@ -561,8 +648,10 @@ def _not_adding_up(name: Any) -> RuntimeError:
     return RuntimeError(
         f"DP-SGD: the per-example gradients of parameter {name!r} do not add up to its gradient: it is used outside "
         "the module that owns it (e.g. a functional call on `module.weight`, or a module whose input is not "
-        "batch-first). Per-example clipping would be wrong for it; call the owning module instead, or freeze the "
-        "parameter."
+        "batch-first, or reentrant activation checkpointing, whose recomputed forward the hooks do not see). "
+        "Per-example clipping would be wrong for it; call the owning module instead, freeze the parameter, or use "
+        "non-reentrant checkpointing (`gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+        "False})`)."
     )
 
 
@@ -709,15 +798,15 @@ class _GhostStep:
         self.ones = torch.ones(self.batch, dtype=torch.float32, device=self.device)
         self.phase = "sum"
 
-    def assemble(self, device: torch.device) -> Tensor:
-        """The flat fp32 buffer of ``Σ_i c_i ∇_i`` over all parameters (after the second pass); each per-parameter
-        part is freed as soon as it is copied."""
+    def assemble(self, device: torch.device, out: Tensor | None = None) -> Tensor:
+        """The flat fp32 buffer of ``Σ_i c_i ∇_i`` over all parameters (after the second pass), added into ``out``
+        (the earlier chunks' sums) when given; each per-parameter part is freed as soon as it is copied."""
         mech = self.mech
-        flat = torch.zeros(mech.numel, dtype=torch.float32, device=device)
+        flat = torch.zeros(mech.numel, dtype=torch.float32, device=device) if out is None else out
         for p, off, n in zip(mech.params, mech._offsets, mech._sizes):
             part = self.parts.pop(id(p), None)
             if part is not None:
-                flat[off:off + n].copy_(part)
+                flat[off:off + n].add_(part)
             del part
         return flat
 

@@ -36,50 +36,46 @@ through the ``N_B·N_A`` product.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from custom_kernels.zo_perturb import mix_seed
+from lightning_dp.mechanisms.adapters import AdapterVector, lora_product_gap
+from lightning_dp.mechanisms.collective import Collective
 from lightning_dp.mechanisms.noise import GaussianNoise
 from lightning_dp.privacy.sampling import SizeRecords
 
 __all__ = [
     "AdapterVector",
+    "ClientSampling",
+    "ClientStates",
     "ClientUpload",
+    "FederatedAveraging",
     "FederatedBatchSampler",
     "RoundSchedule",
     "aggregate_uploads",
     "client_noise_std",
     "clip_update",
-    "is_lora_name",
     "local_batch",
     "lora_product_gap",
     "privatize_upload",
     "sample_clients",
     "split_by_label",
     "split_iid",
+    "training_loss",
 ]
 
 PLACEMENTS = ("local", "distributed")
 _CLIENT_DOMAIN = 0xC11E  # separates the client-sampling stream from the others derived from the same seed
 _BATCH_DOMAIN = 0xBA7C
 _SPLIT_DOMAIN = 0x5B11
-
-
-def is_lora_name(name: str) -> bool:
-    """A peft adapter tensor: a LoRA factor (``lora_A``, ``lora_B``, ``lora_embedding_*``, DoRA's
-    ``lora_magnitude_vector``) or the trainable copy of a ``modules_to_save`` module."""
-    return "lora_" in name or ".modules_to_save." in name
-
-
-def is_lora_a_name(name: str) -> bool:
-    """The down-projection factor A of a LoRA layer (frozen under ``aggregation="b_only"``)."""
-    return ".lora_A." in name or ".lora_embedding_A." in name
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -161,6 +157,35 @@ class RoundSchedule:
         return self.rank * self.clients_per_rank + slot
 
 
+class ClientSampling:
+    """Which clients take part in a round: each client independently with probability ``rate``
+    (:func:`sample_clients`, keyed by the secret seed and the round), and never a client without data.
+
+    Args:
+        seed: the secret sampling seed.
+        num_clients: K.
+        rate: q.
+        shard_sizes: the number of examples of each client (private: never log or save them).
+    """
+
+    def __init__(self, seed: int, num_clients: int, rate: float, shard_sizes: Sequence[int]) -> None:
+        if len(shard_sizes) != num_clients:
+            raise ValueError(f"{len(shard_sizes)} shard sizes for {num_clients} clients")
+        self.seed, self.num_clients, self.rate = int(seed), int(num_clients), float(rate)
+        self.shard_sizes = [int(s) for s in shard_sizes]
+        self._mask: tuple[int, Tensor] | None = None  # the mask of the last round asked for
+
+    def sampled(self, round_index: int) -> Tensor:
+        """The ``[K]`` bool mask of the clients sampled in ``round_index``."""
+        if self._mask is None or self._mask[0] != round_index:
+            self._mask = (round_index, sample_clients(self.seed, round_index, self.num_clients, self.rate))
+        return self._mask[1]
+
+    def participates(self, round_index: int, client: int) -> bool:
+        """Sampled this round and holds data (a client without data has nothing to train on)."""
+        return bool(self.sampled(round_index)[client]) and self.shard_sizes[client] > 0
+
+
 class FederatedBatchSampler(Sampler[list[int]]):
     """Per step, the batch (dataset indices) of the virtual client that is active at that step on this rank; an
     empty list when that client is not sampled this round or has no data (the strategy then skips the step).
@@ -220,36 +245,6 @@ class FederatedBatchSampler(Sampler[list[int]]):
             batch = self.batch_at(start + k)
             self._counts.record(start + k, len(batch), 0)
             yield batch
-
-
-# ---------------------------------------------------------------------------------------------- the adapters
-class AdapterVector:
-    """The tensors that travel (every trainable adapter tensor) viewed as one flat fp32 vector."""
-
-    def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]]) -> None:
-        if not named_params:
-            raise ValueError("no adapter tensor to federate")
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
-        self.sizes = [p.numel() for p in self.params]
-        self.numel = sum(self.sizes)
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    @torch.no_grad()
-    def read(self) -> Tensor:
-        """A flat fp32 copy of the current values."""
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
-
-    @torch.no_grad()
-    def write_(self, flat: Tensor) -> None:
-        """Copy ``flat`` into the parameters (in place)."""
-        if flat.numel() != self.numel:
-            raise ValueError(f"expected {self.numel} values, got {flat.numel()}")
-        for p, chunk in zip(self.params, torch.split(flat, self.sizes)):
-            p.copy_(chunk.view(p.shape))
 
 
 # ---------------------------------------------------------------------------------------------- privatization
@@ -324,11 +319,153 @@ def aggregate_uploads(upload_sum: Tensor, num_clients: int, sample_rate: float) 
     return upload_sum / (float(sample_rate) * int(num_clients))
 
 
-def lora_product_gap(a_updates: Sequence[Tensor], b_updates: Sequence[Tensor], a: Tensor, b: Tensor) -> Tensor:
-    """``avg_k(B_k A_k) − avg(B_k)·avg(A_k)`` for clients starting from (A, B) with factor updates (δA_k, δB_k):
-    the error of averaging the factors instead of the products. It equals the cross term
-    ``avg(δB_k δA_k) − avg(δB_k)·avg(δA_k)`` and vanishes when every δA_k is 0 (``aggregation="b_only"``)."""
-    bs = [b + db for db in b_updates]
-    as_ = [a + da for da in a_updates]
-    avg_product = torch.stack([bk @ ak for bk, ak in zip(bs, as_)]).mean(0)
-    return avg_product - torch.stack(bs).mean(0) @ torch.stack(as_).mean(0)
+# ---------------------------------------------------------------------------------------------- one rank's clients
+class ClientStates:
+    """What each hosted client keeps between rounds: one state per optimizer (e.g. Adam's moments, a momentum).
+
+    A client's new state is staged when its local steps end and committed when the round ends, so a round cut short
+    (:meth:`discard`) leaves no trace of its local steps. The states are functions of each client's raw data: they
+    stay with the client (never logged, reported or sent).
+
+    Args:
+        clients: the number of clients hosted.
+        optimizers: the number of optimizers.
+    """
+
+    def __init__(self, clients: int, optimizers: int) -> None:
+        self.clients, self.optimizers = int(clients), int(optimizers)
+        self._committed: list[list[dict[Any, Any]]] = [[{} for _ in range(optimizers)] for _ in range(clients)]
+        self._staged: dict[int, list[dict[Any, Any]]] = {}
+
+    def get(self, slot: int) -> list[dict[Any, Any]]:
+        """A copy of the committed states of the client in ``slot`` (the optimizer then updates it in place)."""
+        return copy.deepcopy(self._committed[slot])
+
+    def stage(self, slot: int, states: Sequence[Mapping[Any, Any]]) -> None:
+        """The client's states after its local steps of the current round."""
+        if len(states) != self.optimizers:
+            raise ValueError(f"{len(states)} optimizer states for {self.optimizers} optimizers")
+        self._staged[slot] = [dict(s) for s in states]
+
+    def commit(self) -> None:
+        """The round is released: its staged states become the clients' states."""
+        for slot, states in self._staged.items():
+            self._committed[slot] = states
+        self._staged = {}
+
+    def discard(self) -> None:
+        """The round in progress is dropped: its staged states too."""
+        self._staged = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The committed states (never a staged one: a checkpoint mid-round resumes at the round's start)."""
+        return {"clients": self.clients, "optimizers": self.optimizers, "states": copy.deepcopy(self._committed)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raises:
+        ValueError: if ``state`` holds another number of clients or optimizers."""
+        if (int(state["clients"]), int(state["optimizers"])) != (self.clients, self.optimizers):
+            raise ValueError(
+                f"the saved client states are for {state['clients']} clients × {state['optimizers']} optimizers, not "
+                f"{self.clients} × {self.optimizers}"
+            )
+        self._committed = copy.deepcopy(list(state["states"]))
+        self._staged = {}
+
+
+class FederatedAveraging:
+    """The protocol of one rank: its hosted clients' uploads and the server's step on the global adapters θ.
+
+    The module's adapters hold θ between clients; a client trains them, :meth:`end_client` turns the difference into
+    the client's upload (clipped, noised) and puts θ back. :meth:`end_round` sums the uploads of all ranks and takes
+    ``θ ← θ + η_s · Σ / (q·K)``. Nothing leaves a rank before that all-reduce, so a round cut short
+    (:meth:`discard_round`) has released nothing.
+
+    Args:
+        adapters: the tensors that travel.
+        clients_per_rank: the number of clients this rank hosts.
+        optimizers: the number of optimizers (one state per optimizer per client).
+        num_clients: K, over all ranks.
+        client_fraction: q.
+        clip: C, the bound on the norm of each client's update.
+        server_lr: η_s.
+        noise: this rank's private noise generator.
+    """
+
+    def __init__(
+        self,
+        adapters: AdapterVector,
+        clients_per_rank: int,
+        optimizers: int,
+        num_clients: int,
+        client_fraction: float,
+        clip: float,
+        server_lr: float,
+        noise: GaussianNoise,
+    ) -> None:
+        self.adapters = adapters
+        self.num_clients, self.client_fraction = int(num_clients), float(client_fraction)
+        self.clip, self.server_lr, self.noise = float(clip), float(server_lr), noise
+        self.global_adapters = adapters.read()
+        self.upload_sum = torch.zeros_like(self.global_adapters)
+        self.client_states = ClientStates(clients_per_rank, optimizers)
+        self.uploads: list[ClientUpload] = []  # this rank's clients in the current round (private, see ClientUpload)
+        self.nonfinite_updates = 0
+
+    @torch.no_grad()
+    def end_client(
+        self, noise_std: float, participates: bool, round_index: int, client: int, shard_size: int
+    ) -> ClientUpload:
+        """Clip and noise the client's update ``adapters − θ``, add it to this rank's sum, put θ back."""
+        delta = self.adapters.read() - self.global_adapters
+        upload, info = privatize_upload(
+            delta, self.clip, noise_std, self.noise, participates, round_index, client, shard_size
+        )
+        if participates and not math.isfinite(info.update_norm):
+            self.nonfinite_updates += 1  # its upload is the noise alone (clip factor 0)
+        self.upload_sum.add_(upload.to(self.upload_sum.device))
+        self.uploads.append(info)
+        self.adapters.write_(self.global_adapters)
+        return info
+
+    @torch.no_grad()
+    def end_round(self, collective: Collective) -> tuple[int, list[ClientUpload]]:
+        """One SUM all-reduce of the uploads and the server's step, identical on every rank; the clients' staged
+        states are committed. Returns the bytes all-reduced and this rank's (private) uploads of the round."""
+        total = collective.all_reduce_sum(self.upload_sum)
+        step = aggregate_uploads(total, self.num_clients, self.client_fraction)
+        self.global_adapters.add_(step.to(self.global_adapters.device), alpha=self.server_lr)
+        self.adapters.write_(self.global_adapters)
+        self.upload_sum.zero_()
+        self.client_states.commit()
+        uploads, self.uploads = self.uploads, []
+        return total.numel() * total.element_size(), uploads
+
+    @torch.no_grad()
+    def discard_round(self) -> None:
+        """The round in progress released nothing: back to θ, its uploads and staged client states dropped."""
+        self.adapters.write_(self.global_adapters)
+        self.upload_sum.zero_()
+        self.uploads = []
+        self.client_states.discard()
+
+    @torch.no_grad()
+    def load_global_(self, flat: Tensor) -> None:
+        """Set θ (and the module's adapters) to ``flat``, e.g. the released adapters of a checkpoint."""
+        self.global_adapters.copy_(flat.to(self.global_adapters))
+        self.adapters.write_(self.global_adapters)
+
+
+def training_loss(out: Any) -> Any:
+    """Client-level DP needs only a training loss: a ``[B]`` tensor or ``per_sample_loss`` is averaged."""
+    if isinstance(out, Tensor) and out.ndim == 1:
+        return out.mean()
+    if isinstance(out, Mapping) and "loss" not in out and isinstance(out.get("per_sample_loss"), Tensor):
+        result = dict(out)
+        result["loss"] = result.pop("per_sample_loss").mean()
+        return result
+    if isinstance(out, Mapping) and "per_sample_loss" in out:
+        result = dict(out)
+        result.pop("per_sample_loss")
+        return result
+    return out

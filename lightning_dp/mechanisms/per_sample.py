@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_dp.errors import PerSampleLossError
+
 __all__ = ["PerSampleLossError", "per_sample_loss"]
 
 _HOW_TO_FIX = (
@@ -23,10 +25,6 @@ _HOW_TO_FIX = (
 )
 
 
-class PerSampleLossError(ValueError):
-    """``training_step`` did not return per-example losses."""
-
-
 def per_sample_loss(output: Any, batch_size: int | None = None) -> Tensor:
     """Extract and validate the ``[B]`` per-example losses from a ``training_step`` output."""
     if isinstance(output, Tensor):
@@ -35,13 +33,17 @@ def per_sample_loss(output: Any, batch_size: int | None = None) -> Tensor:
     elif isinstance(output, Mapping):
         if "per_sample_loss" not in output:
             keys = sorted(map(str, output.keys()))
-            raise PerSampleLossError(f"`training_step` returned a dict without 'per_sample_loss' (keys: {keys}). {_HOW_TO_FIX}")
+            raise PerSampleLossError(
+                f"`training_step` returned a dict without 'per_sample_loss' (keys: {keys}). {_HOW_TO_FIX}"
+            )
         losses = output["per_sample_loss"]
         where = "`per_sample_loss`"
         if not isinstance(losses, Tensor):
             raise PerSampleLossError(f"{where} is a {type(losses).__name__}, not a Tensor. {_HOW_TO_FIX}")
     elif output is None:
-        raise PerSampleLossError(f"`training_step` returned None (a skipped step would break the accounting). {_HOW_TO_FIX}")
+        raise PerSampleLossError(
+            f"`training_step` returned None (a skipped step would break the accounting). {_HOW_TO_FIX}"
+        )
     else:
         raise PerSampleLossError(f"`training_step` returned a {type(output).__name__}. {_HOW_TO_FIX}")
     if losses.ndim != 1:

@@ -32,7 +32,9 @@ def default_delta(num_examples: int) -> float:
     return 1.0 / num_examples**1.1
 
 
-def validate_privacy_args(eps: float | None, delta: float | None, noise_multiplier: float | None, accountant: str) -> None:
+def validate_privacy_args(
+    eps: float | None, delta: float | None, noise_multiplier: float | None, accountant: str
+) -> None:
     """Raise a clear error for an unusable privacy configuration."""
     if (eps is None) == (noise_multiplier is None):
         raise ValueError(

@@ -14,15 +14,18 @@ import math
 import secrets
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -36,8 +39,9 @@ from torch.utils.data import (
 from lightning_dp.errors import UnsafeSettingError
 from lightning_dp.mechanisms.buffers import BufferSnapshot, data_dependent_buffer_modules, describe_buffer_modules
 from lightning_dp.mechanisms.collective import Collective, default_collective
-from lightning_dp.mechanisms.per_sample import PerSampleLossError
 from lightning_dp.mechanisms.noise import GaussianNoise
+from lightning_dp.mechanisms.per_sample import PerSampleLossError
+from lightning_dp.preflight import module_problems, raise_if_problems
 from lightning_dp.privacy.accounting import (
     PrivacyAccountant,
     calibrate_noise_multiplier,
@@ -74,14 +78,30 @@ class DPStrategyBase(DDPStrategy):
             (verified as the batches are drawn; samplers with replacement are refused). Much weaker than Poisson
             sampling at the same σ, but it also trains an ``IterableDataset`` (give ``delta`` and ``max_epochs``;
             that every example appears at most once per epoch is then your stream's promise, not checked).
+        max_physical_batch_size: the most examples one forward (and backward) pass processes. Each logical batch
+            (the DataLoader's ``batch_size``, Poisson-sampled, any size) is run in chunks of at most this many
+            examples whose clipped contributions are summed; noise, accounting and the optimizer step happen once per
+            logical batch. ``None`` (default): one pass over the whole batch. The replacement for
+            ``accumulate_grad_batches``, which DP cannot account.
         seed: seed of the public randomness of the method (e.g. ZO directions); drawn from OS entropy and shared by
             all ranks if ``None``. Saved in checkpoints.
         sampling_seed: seed of the Poisson masks. Leave ``None``: a secret seed is drawn from OS entropy for every
             fit and every resume, and is never saved (whoever knew it could rebuild every step's batch, and the
             amplification by sampling would be void against them). A seed you pass (tests, paired comparisons) IS
             saved in checkpoints: never release such a checkpoint.
-        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g. ``start_method``,
-            ``process_group_backend``, ``timeout``).
+        cluster_environment: Lightning's cluster environment (normally chosen by the Trainer: torchrun, SLURM, ...).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ...; default: Lightning's choice for the device.
+        timeout: timeout of the collectives.
+        start_method: how processes are started with several devices: ``"popen"`` (Lightning's default: the script
+            is re-launched), ``"spawn"``, ``"fork"`` or ``"forkserver"`` (Lightning's ``ddp_spawn`` /
+            ``ddp_fork`` launchers, e.g. in notebooks).
+
+    The DDP options of :class:`~lightning.pytorch.strategies.DDPStrategy` that configure the
+    ``DistributedDataParallel`` wrapper (``find_unused_parameters``, ``static_graph``, communication hooks, ...) do
+    not exist here: the model is never wrapped (its in-backward all-reduce would average non-private gradients).
+
+    Raises:
+        ValueError: an argument out of range (``eps``/``noise_multiplier`` both or neither given, ``clip <= 0``, ...).
     """
 
     mechanism_name = "dp"
@@ -93,24 +113,41 @@ class DPStrategyBase(DDPStrategy):
     σ is calibrated as √k times the σ that T single-release steps would need, and one step is recorded per optimizer
     step at σ/√k."""
 
+    registered_as: str | None = None
+    """The ``StrategyRegistry`` name this instance was built from (``Trainer(strategy="dpzero")``), if any."""
+
     def __init__(
         self,
+        *,
         eps: float | None = None,
         delta: float | None = None,
         noise_multiplier: float | None = None,
         clip: float = 1.0,
-        accountant: str = "prv",
+        accountant: Literal["prv", "rdp"] = "prv",
         poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
         seed: int | None = None,
         sampling_seed: int | None = None,
-        **kwargs: Any,
+        cluster_environment: ClusterEnvironment | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         validate_privacy_args(eps, delta, noise_multiplier, accountant)
         if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
             raise ValueError(f"`clip` must be a finite number > 0, got {clip!r}")
-        if kwargs.get("find_unused_parameters") or kwargs.get("static_graph"):
-            raise ValueError("DP strategies do not wrap the model in DistributedDataParallel: DDP options do not apply")
-        super().__init__(**kwargs)
+        if max_physical_batch_size is not None and not (
+            isinstance(max_physical_batch_size, int) and not isinstance(max_physical_batch_size, bool)
+            and max_physical_batch_size >= 1
+        ):
+            raise ValueError(f"`max_physical_batch_size` must be None or an int >= 1, got {max_physical_batch_size!r}")
+        super().__init__(
+            cluster_environment=cluster_environment,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.max_physical_batch_size = max_physical_batch_size
         self.target_epsilon = None if eps is None else float(eps)
         self.delta = None if delta is None else float(delta)
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
@@ -192,8 +229,20 @@ class DPStrategyBase(DDPStrategy):
     def setup_mechanism(self, trainer: Any) -> None:  # pragma: no cover - overridden
         """Build the method's mechanism once the model and optimizers are on their device."""
 
+    def setup_environment(self) -> None:
+        """The module is checked before the process group is created (every rank raises the same error, so none
+        waits for the others), then again at :meth:`setup`, once ``configure_model`` may have added layers."""
+        module = self._lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise_if_problems(module_problems(module, self), type(self).__name__)
+        super().setup_environment()
+
     def _refuse_unsafe_settings(self, trainer: Any) -> None:
         name = type(self).__name__
+        # every problem of the module in one error, before anything is built or run (lightning_dp.validate; a
+        # deterministic check, so every rank raises the same); the optimizers are checked in setup_mechanism
+        raise_if_problems(module_problems(trainer.lightning_module, self), name)
         if not trainer.lightning_module.automatic_optimization:
             raise UnsafeSettingError(
                 f"{name} owns the optimization step: manual optimization (`automatic_optimization = False`) would "
@@ -203,8 +252,9 @@ class DPStrategyBase(DDPStrategy):
         if trainer.accumulate_grad_batches != 1:
             raise UnsafeSettingError(
                 f"`accumulate_grad_batches={trainer.accumulate_grad_batches}` is not supported by {name}: each "
-                "micro-batch is a separate data access that the accountant would not see (ε under-reported). Use a "
-                "larger `batch_size` instead."
+                "micro-batch is a separate data access that the accountant would not see (ε under-reported). For a "
+                "batch larger than memory, use a larger `batch_size` with `max_physical_batch_size=` on the strategy "
+                "(one release per batch, processed in chunks)."
             )
         from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
@@ -213,7 +263,8 @@ class DPStrategyBase(DDPStrategy):
                 raise UnsafeSettingError(
                     f"GradientAccumulationScheduler({cb.scheduling}) would accumulate micro-batches later in the run; "
                     f"{name} releases once per batch and accounts one step per optimizer step. Remove it and use a "
-                    "larger `batch_size`."
+                    "larger `batch_size` (with `max_physical_batch_size=` on the strategy if it does not fit in "
+                    "memory)."
                 )
         if trainer.gradient_clip_val not in (None, 0, 0.0):
             raise UnsafeSettingError(
@@ -249,7 +300,8 @@ class DPStrategyBase(DDPStrategy):
                 f"`accumulate_grad_batches` became {trainer.accumulate_grad_batches} during training (e.g. a "
                 f"GradientAccumulationScheduler): {name} releases once per batch and accounts one step per optimizer "
                 "step, so accumulated micro-batches would be releases the accountant never sees. Remove the "
-                "accumulation and use a larger `batch_size`."
+                "accumulation and use a larger `batch_size` (with `max_physical_batch_size=` on the strategy if it "
+                "does not fit in memory)."
             )
         combined = getattr(trainer.fit_loop, "_combined_loader", None)
         if combined is not None and len(combined.flattened) != 1:
@@ -535,6 +587,28 @@ class DPStrategyBase(DDPStrategy):
                 ) * math.sqrt(self.releases_per_step)
         if restored and not self.accountant.history:
             self.accountant.load_state_dict(restored["accountant"])
+        rank_zero_info(self.privacy_summary())
+
+    def privacy_summary(self) -> str:
+        """One line of the run's privacy settings (ε target, δ, σ, q, steps, C, accountant), printed at fit start."""
+        name = type(self).__name__
+        if self.target_epsilon is not None:
+            origin = f' (default of strategy="{self.registered_as}")' if self.registered_as else ""
+            target = f"target ε={self.target_epsilon:g}{origin}"
+        else:
+            target = "no target ε (noise_multiplier given; ε reported as spent)"
+        sigma = "σ=?" if self.noise_multiplier is None else f"σ={self.noise_multiplier:.4g}"
+        if self.releases_per_step > 1 and self.noise_multiplier is not None:
+            sigma += f" (σ/√{self.releases_per_step}={self.effective_noise_multiplier:.4g} per step)"
+        if self.poisson_sampling:
+            sampling = "Poisson sampling" if self.sample_rate is None else f"Poisson sampling q={self.sample_rate:.4g}"
+        else:
+            sampling = "no sampling amplification (poisson_sampling=False)"
+        steps = "unbounded steps" if self.planned_steps is None else f"{self.planned_steps} steps planned"
+        delta = "δ=?" if self.delta is None else f"δ={self.delta:.3g}"
+        chunks = "" if self.max_physical_batch_size is None else f", physical batches ≤ {self.max_physical_batch_size}"
+        return (f"{name}: {target}, {delta}, {sigma}, {sampling}, {steps}, C={self.clip:g}, "
+                f"accountant={self.accountant.kind}{chunks}")
 
     # ------------------------------------------------------------------ accounting and report
     @property
@@ -655,6 +729,8 @@ class DPStrategyBase(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint  # validate/test/predict use the weights only: no privacy spend is continued
         state = checkpoint.get(_CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
         if state is not None:
             if state.get("mechanism") != self.mechanism_name:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_dp.mechanisms.chunks import split_batch, with_batch
 from lightning_dp.mechanisms.dpsgd import CLIPPING_MODES, BookKeepingDPSGD, DPSGDStepResult, UnsupportedLayerError
 from lightning_dp.mechanisms.per_sample import per_sample_loss
 from lightning_dp.privacy.sampling import is_empty_batch
-from lightning.pytorch.utilities import rank_zero_info
-
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
+from lightning_dp.preflight import optimizer_problems, raise_if_problems
 
 __all__ = ["DPSGDStrategy", "UnsupportedLayerError"]
 
@@ -47,21 +51,74 @@ class DPSGDStrategy(DPStrategyBase):
     gradients (one GEMM per linear layer, which book-keeping recomputes clipped) are never computed, and
     ``LightningModule.backward`` is not called (``on_before_backward`` / ``on_after_backward`` still are).
 
-    Args: see :class:`~lightning_dp.strategies.base.DPStrategyBase`, plus
+    Args:
+        eps: target ε for the whole run (σ is calibrated for the steps the Trainer will take).
+        delta: δ; default ``1 / N**1.1`` (N = training set size).
+        noise_multiplier: σ, instead of ``eps``; ε is then reported as it is spent.
+        clip: C, the bound on each example's gradient norm (over all trainable parameters jointly).
+        accountant: ``"prv"`` (default) or ``"rdp"`` (Opacus's accountants).
+        poisson_sampling: Poisson sampling of every step's batch (default), or ``False`` to keep your DataLoader's
+            batches, accounted without amplification (see :class:`~lightning_dp.strategies.base.DPStrategyBase`).
+        max_physical_batch_size: the most examples per forward/backward pass: larger logical batches run in chunks
+            whose clipped sums are added; noise, accounting and the optimizer step once per logical batch.
+        seed: public seed (saved in checkpoints); drawn if ``None``.
+        sampling_seed: seed of the Poisson masks; leave ``None`` (a secret seed, never saved).
+        clipping: ``"bk"`` (book-keeping: one backward; the output gradients of every hooked layer are held until
+            the clipped sum is formed, about one more set of activations of memory; the fastest), ``"ghost"`` (the
+            first backward streams the norms and frees each output gradient at once, a second backward of
+            ``Σ_i c_i ℓ_i`` gives the clipped sum: the memory of non-private training, one more backward of time)
+            or ``"auto"`` (``"bk"``). Both give the same private gradient.
+        cluster_environment: Lightning's cluster environment (normally chosen by the Trainer).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ...; default: Lightning's choice.
+        timeout: timeout of the collectives.
+        start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
 
-    ``clipping``: ``"bk"`` (book-keeping: one backward; the output gradients of every hooked layer are held until
-    the clipped sum is formed, about one more set of activations of memory; the fastest), ``"ghost"`` (the first
-    backward streams the norms and frees each output gradient at once, a second backward of ``Σ_i c_i ℓ_i`` gives
-    the clipped sum: the memory of non-private training, one more backward of time) or ``"auto"`` (``"bk"``).
-    Both give the same private gradient.
+    Raises:
+        ValueError: an argument out of range.
+        UnsafeSettingError: at setup, a Trainer setting or module that would break the guarantee (accumulation,
+            gradient clipping, fp16 GradScaler, manual optimization, running statistics, ...).
+        ValidationError: at setup, before any step: every problem of the module and its optimizers at once
+            (unsupported trainable layers, BatchNorm, running statistics, reentrant checkpointing, parameters used
+            outside their module, LBFGS, ...; see :func:`lightning_dp.validate`).
     """
 
     mechanism_name = "dpsgd"
 
-    def __init__(self, *args: Any, clipping: str = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        eps: float | None = None,
+        delta: float | None = None,
+        noise_multiplier: float | None = None,
+        clip: float = 1.0,
+        accountant: Literal["prv", "rdp"] = "prv",
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        seed: int | None = None,
+        sampling_seed: int | None = None,
+        clipping: Literal["auto", "bk", "ghost"] = "auto",
+        cluster_environment: ClusterEnvironment | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
         if clipping not in ("auto", *CLIPPING_MODES):
             raise ValueError(f"`clipping` must be 'auto', 'bk' or 'ghost', got {clipping!r}")
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            eps=eps,
+            delta=delta,
+            noise_multiplier=noise_multiplier,
+            clip=clip,
+            accountant=accountant,
+            poisson_sampling=poisson_sampling,
+            max_physical_batch_size=max_physical_batch_size,
+            seed=seed,
+            sampling_seed=sampling_seed,
+            cluster_environment=cluster_environment,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
         self.clipping = clipping
 
     @property
@@ -83,6 +140,8 @@ class DPSGDStrategy(DPStrategyBase):
     _verify_next = True
     _reference: dict | None = None
     _privatized: frozenset = frozenset()
+    _partial: Tensor | None = None  # the clipped sums of the step's earlier chunks (flat fp32), until the release
+    _chunk_results: tuple = ()  # the DPSGDStepResult of each of the step's earlier chunks
 
     @property
     def gradient_noise_std(self) -> float:
@@ -106,23 +165,14 @@ class DPSGDStrategy(DPStrategyBase):
         if self.mechanism is not None:
             self.mechanism.remove_hooks()
             self.mechanism = None
-        self._refuse_foreign_optimizer_params()
+        # the optimizers' problems (parameters outside the module, LBFGS), all in one error (lightning_dp.validate)
+        raise_if_problems(optimizer_problems(self.lightning_module, self.optimizers, self), type(self).__name__)
         self.mechanism = BookKeepingDPSGD(self.lightning_module, self.clip, mode=self.clipping_mode)
         self._privatized = frozenset(id(p) for p in self.mechanism.params)
         self._verify_next = True
 
     def _optimizer_params(self) -> list[torch.nn.Parameter]:
         return [p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]]
-
-    def _refuse_foreign_optimizer_params(self) -> None:
-        in_module = {id(p) for p in self.lightning_module.parameters()}
-        foreign = [tuple(p.shape) for p in self._optimizer_params() if p.requires_grad and id(p) not in in_module]
-        if foreign:
-            raise UnsafeSettingError(
-                f"an optimizer holds trainable parameters that are not in the LightningModule (shapes {foreign}): "
-                "DPSGDStrategy privatizes the module's parameters and cannot clip the gradients of others. Register "
-                "them on the module."
-            )
 
     def _sync_trainable(self) -> None:
         """Every parameter that requires grad now (in the module or an optimizer) is privatized on this step: when
@@ -155,31 +205,71 @@ class DPSGDStrategy(DPStrategyBase):
 
     # ------------------------------------------------------------------ the step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward pass of the step's batch. With ``max_physical_batch_size=M`` the batch runs in chunks of at
+        most M examples: every chunk but the last gets its forward, its backward and its clipped sum here (so its
+        activations and output gradients are freed before the next chunk's forward); the last chunk's backward, the
+        noise and the release happen in :meth:`backward`, once per batch. The returned ``"loss"`` is the mean over
+        all examples of the batch; other entries of a returned dict are those of the last chunk.
+
+        Raises:
+            PerSampleLossError: ``training_step`` did not return one loss per example of its (chunk of the) batch,
+                or the batch cannot be split into chunks (a tensor that is not batch-first).
+        """
         assert self.mechanism is not None
         batch = args[0] if args else kwargs.get("batch")
         self._losses = None
+        self._partial, self._chunk_results = None, ()
         size = self._begin_step(self.lightning_module.trainer, batch)
         self._sync_trainable()
         self._empty = size == 0
         if self._empty:
             return {"loss": torch.zeros((), device=self.root_device)}
-        self.mechanism.reset()
-        self.mechanism.batch_size = size
-        self.mechanism.capturing = True
-        try:
-            out = super().training_step(*args, **kwargs)
-        finally:
-            self.mechanism.capturing = False
-        losses = per_sample_loss(out, size)
+        chunks = split_batch(batch, size, self.max_physical_batch_size)
+        logged = []
+        for k, (chunk, n) in enumerate(chunks):
+            out = self._forward(*with_batch(args, kwargs, chunk), n)
+            losses = per_sample_loss(out, n)
+            logged.append(losses.detach().float())
+            if k + 1 < len(chunks):
+                self._accumulate_chunk(losses)
+                del out, losses
         self._end_forward()
         self._losses = losses
         result = dict(out) if isinstance(out, Mapping) else {}
         result.pop("per_sample_loss", None)
-        result["loss"] = losses.detach().float().mean()
+        result["loss"] = torch.cat(logged).mean()
         return result
 
+    def _forward(self, args: tuple, kwargs: dict, size: int) -> Any:
+        """The user's ``training_step`` on ``size`` examples, with the hooks capturing their inputs."""
+        assert self.mechanism is not None
+        self.mechanism.reset()
+        self.mechanism.batch_size = size
+        self.mechanism.capturing = True
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self.mechanism.capturing = False
+
+    def _accumulate_chunk(self, losses: Tensor) -> None:
+        """The backward of a chunk that is not the step's last, and its clipped sum added into the step's buffer."""
+        assert self.mechanism is not None
+        self.mechanism.clear_grads()  # the checked backward of the first step accumulates into `.grad`
+        reference = self.mechanism.backward(losses, verify=self._verify_next)
+        if self.mechanism.mode == "bk":
+            self.mechanism.clear_grads()  # autograd's non-private sum of the checked step (kept in `reference`)
+        self._partial, result = self.mechanism.accumulate(
+            int(losses.shape[0]), self.root_device, reference_grads=reference, out=self._partial
+        )
+        self._chunk_results = (*self._chunk_results, result)
+
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """One backward of ``Σ_i ℓ_i``, then the private gradient replaces ``.grad`` before ``on_after_backward``."""
+        """One backward of ``Σ_i ℓ_i`` (of the last chunk), then the private gradient replaces ``.grad`` before
+        ``on_after_backward``; ``on_before_backward`` / ``on_after_backward`` run once per batch.
+
+        Raises:
+            UnsafeSettingError: called without a preceding ``training_step`` of this strategy.
+        """
         assert self.mechanism is not None
         module = self.lightning_module
         self.pre_backward(closure_loss)
@@ -203,16 +293,22 @@ class DPSGDStrategy(DPStrategyBase):
         return closure_loss
 
     def _release(self, batch: int) -> None:
+        """The last chunk's clipped sum added to the earlier chunks', the noise (once), the all-reduce, ``.grad``,
+        one accounted step."""
         assert self.mechanism is not None and self._collective is not None
         assert self.noise_multiplier is not None and self.expected_batch_size is not None
         reference, self._reference = self._reference, None
+        partial, self._partial = self._partial, None
+        earlier, self._chunk_results = self._chunk_results, ()
         if self.mechanism.mode == "bk":
             self.mechanism.clear_grads()  # drop the non-private sum autograd accumulated on the checked step
         flat, result = self.mechanism.private_sum(
-            batch, self.noise_multiplier * self.clip, self._collective, self.root_device, reference_grads=reference
+            batch, self.noise_multiplier * self.clip, self._collective, self.root_device, reference_grads=reference,
+            out=partial,
         )
-        del reference
-        if batch > 0 and result.verified:
+        del reference, partial
+        result = DPSGDStepResult.merge([*earlier, result])
+        if result.num_examples > 0 and result.verified:
             self._verify_next = False  # checked on finite values: later steps stop at the hooked outputs
         self.nonfinite_examples += result.nonfinite
         self.mechanism.write_grads(flat, 1.0 / self.expected_batch_size)
@@ -225,4 +321,5 @@ class DPSGDStrategy(DPStrategyBase):
             self.mechanism.capturing = False
             self.mechanism.reset()
             self.mechanism.clear_grads()
+        self._partial, self._chunk_results = None, ()
         super().on_exception(exception)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, Callable, Literal
 
 import torch
-from torch import Tensor
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.optim import SGD, Optimizer
+from torch.optim import Optimizer
 
+from lightning_dp.mechanisms.chunks import split_batch, with_batch
 from lightning_dp.mechanisms.per_sample import per_sample_loss
+from lightning_dp.errors import IncompatibleStrategyError
 from lightning_dp.mechanisms.zo import (
     SeededDirections,
     ZOStepResult,
@@ -21,6 +25,7 @@ from lightning_dp.mechanisms.zo import (
     privatize_projected_gradient,
 )
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
+from lightning_dp.preflight import optimizer_problems, raise_if_problems
 
 __all__ = ["DPZeroStrategy", "ZOPlan"]
 
@@ -64,34 +69,59 @@ class DPZeroStrategy(DPStrategyBase):
     subclasses of :class:`ZOPlan`): the strategy calls them itself, at stage boundaries, on the clean θ.
 
     Args:
-        eps, delta, noise_multiplier, clip, accountant, poisson_sampling, seed, sampling_seed, **kwargs: see
-            :class:`~lightning_dp.strategies.base.DPStrategyBase`. ``clip`` bounds each example's finite
-            difference (a directional derivative: it scales like a gradient norm, so ZO clips are larger than
-            DP-SGD's; DPZero used 50–400 on RoBERTa-large).
+        eps: target ε for the whole run (σ is calibrated for the steps the Trainer will take).
+        delta: δ; default ``1 / N**1.1`` (N = training set size).
+        noise_multiplier: σ, instead of ``eps``; ε is then reported as it is spent.
+        clip: C, the bound on each example's finite difference (a directional derivative: it scales like a gradient
+            norm, so ZO clips are larger than DP-SGD's; DPZero used 50–400 on RoBERTa-large).
+        accountant: ``"prv"`` (default) or ``"rdp"`` (Opacus's accountants).
+        poisson_sampling: Poisson sampling of every step's batch (default), or ``False`` to keep your DataLoader's
+            batches, accounted without amplification (see :class:`~lightning_dp.strategies.base.DPStrategyBase`).
+        max_physical_batch_size: the most examples per forward pass: larger logical batches run their probes in
+            chunks at the same θ ± λz; the clipped differences are summed, one noised release per direction.
+        seed: seed of the directions z (public, saved in checkpoints); drawn if ``None``.
+        sampling_seed: seed of the Poisson masks; leave ``None`` (a secret seed, never saved).
         zo_eps: λ, the finite-difference step (1e-3 as in MeZO/DPZero for full fine-tuning; ~1e-2 for LoRA).
         dropout: ``"off"`` (default) or ``"same"``; see step 2.
         zo_schedule: ``"auto"`` (default), ``"two_pass"`` or ``"three_pass"`` (passes over the parameters per step).
         num_directions: q, the number of directions per step (default 1, DPZero); costs 2q forward passes per
             step, and σ is √q times larger at the same ε (see above).
+        cluster_environment: Lightning's cluster environment (normally chosen by the Trainer).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ...; default: Lightning's choice.
+        timeout: timeout of the collectives.
+        start_method: ``"popen"`` (default), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+
+    Raises:
+        ValueError: an argument out of range.
+        UnsafeSettingError: at setup, a Trainer setting that would break the guarantee (accumulation, gradient
+            clipping, fp16 GradScaler, ...).
+        ValidationError: at setup, before any step: every problem of the module and its optimizer at once (an
+            optimizer other than momentum-free SGD, manual optimization, non-contiguous parameters, ...; see
+            :func:`lightning_dp.validate`).
     """
 
     mechanism_name = "dpzero"
 
     def __init__(
         self,
+        *,
         eps: float | None = None,
         delta: float | None = None,
         noise_multiplier: float | None = None,
         clip: float = 10.0,
-        zo_eps: float = 1e-3,
-        accountant: str = "prv",
+        accountant: Literal["prv", "rdp"] = "prv",
         poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
         seed: int | None = None,
         sampling_seed: int | None = None,
+        zo_eps: float = 1e-3,
         dropout: Literal["off", "same"] = "off",
         zo_schedule: Literal["auto", "two_pass", "three_pass"] = "auto",
         num_directions: int = 1,
-        **kwargs: Any,
+        cluster_environment: ClusterEnvironment | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         if not (isinstance(num_directions, int) and num_directions >= 1):
             raise ValueError(f"`num_directions` must be an integer >= 1, got {num_directions!r}")
@@ -108,9 +138,13 @@ class DPZeroStrategy(DPStrategyBase):
             clip=clip,
             accountant=accountant,
             poisson_sampling=poisson_sampling,
+            max_physical_batch_size=max_physical_batch_size,
             seed=seed,
             sampling_seed=sampling_seed,
-            **kwargs,
+            cluster_environment=cluster_environment,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
         )
         self.zo_eps = float(zo_eps)  # λ of the current step (a stagewise schedule changes it per stage)
         self.zo_eps_start = float(zo_eps)  # λ as configured
@@ -147,7 +181,8 @@ class DPZeroStrategy(DPStrategyBase):
             if unsafe:
                 rank_zero_info(
                     f"DPZeroStrategy: three passes per step, because {', '.join(unsafe)} may read the parameters "
-                    "between steps (pass zo_schedule='two_pass' to override)"
+                    "between steps (pass zo_schedule='two_pass' to override, or set `reads_parameters = False` on a "
+                    "callback that never reads them)"
                 )
         else:
             self.schedule = self.zo_schedule
@@ -165,25 +200,10 @@ class DPZeroStrategy(DPStrategyBase):
         return params, groups
 
     def _build_directions(self, optimizer: Optimizer) -> None:
-        _check_zo_optimizer(optimizer)
+        # SGD without momentum, trainable parameters that are contiguous (and fp32, else a warning): all problems in
+        # one error (lightning_dp.validate)
+        raise_if_problems(optimizer_problems(self.lightning_module, [optimizer], self), type(self).__name__)
         params, groups = self._trainable(optimizer)
-        if not params:
-            raise UnsafeSettingError("the optimizer holds no parameter that requires grad: nothing to train")
-        for p in params:
-            if not p.is_contiguous():
-                raise UnsafeSettingError(
-                    f"a trainable parameter of shape {tuple(p.shape)} is not contiguous; in-place seeded "
-                    "perturbation needs contiguous parameters"
-                )
-        low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
-        if low:
-            warnings.warn(
-                f"DPZeroStrategy: trainable parameters in {low}. The ±λz perturbations are rounded at every "
-                "step and θ drifts (~4% relative RMS after 100 steps in bf16); keep trainable parameters in fp32 "
-                "(e.g. fp32 LoRA adapters over a bf16 base, or precision='bf16-mixed').",
-                UserWarning,
-                stacklevel=2,
-            )
         self.directions = SeededDirections(params, self.seed)
         self._group_of = groups
 
@@ -248,6 +268,16 @@ class DPZeroStrategy(DPStrategyBase):
 
     # ------------------------------------------------------------------ the step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The probes of one step. With ``max_physical_batch_size=M`` the batch runs in chunks of at most M
+        examples: for each direction z_j, every chunk is probed at θ + λz_j, then every chunk at θ − λz_j; the
+        per-example differences of all chunks are clipped and summed into the direction's one release. The returned
+        ``"loss"`` is the mean over all examples and probes; other entries of a returned dict are those of the first
+        probe of the first chunk.
+
+        Raises:
+            PerSampleLossError: ``training_step`` did not return one loss per example of its (chunk of the) batch,
+                or the batch cannot be split into chunks (a tensor that is not batch-first).
+        """
         assert self.directions is not None
         trainer = self.lightning_module.trainer
         step = trainer.global_step
@@ -260,35 +290,44 @@ class DPZeroStrategy(DPStrategyBase):
                 plan.zo_boundary(self, trainer, step)
         seeds = [self.directions.seed_for(step, j) for j in range(self.num_directions)]
         empty = size == 0
-        probe = self._probe_fn(args, kwargs)
-        outputs = []
+        # chunks of at most `max_physical_batch_size` examples, all probed at the same θ ± λz_j
+        chunks = [] if empty else split_batch(batch, size, self.max_physical_batch_size)
+        probes = [(self._probe_fn(*with_batch(args, kwargs, chunk)), n) for chunk, n in chunks]
+        losses = []  # per direction: (ℓ⁺, ℓ⁻) over the whole batch, in chunk order
+        first = None
         with torch.no_grad():
             # an empty shard still makes the same passes, so parameters stay bit-identical across ranks
             for seed in seeds:
-                self.directions.move_to(seed, +self.zo_eps)
-                out_plus = None if empty else probe()
-                self.directions.move_to(seed, -self.zo_eps)
-                out_minus = None if empty else probe()
-                outputs.append((out_plus, out_minus))
+                pair = []
+                for scale in (+self.zo_eps, -self.zo_eps):
+                    self.directions.move_to(seed, scale)
+                    parts = []
+                    for probe, n in probes:
+                        out = probe()
+                        first = out if first is None else first
+                        parts.append(per_sample_loss(out, n))
+                        del out
+                    pair.append(torch.cat(parts) if parts else None)
+                losses.append(pair)
         if empty:
             self._step_inputs = (seeds, None)
             return {"loss": torch.zeros((), device=self.root_device)}
         self._end_forward()
         clipped, means = [], []
-        for out_plus, out_minus in outputs:
-            loss_plus = per_sample_loss(out_plus, size)
-            loss_minus = per_sample_loss(out_minus, size)
+        for loss_plus, loss_minus in losses:
             clipped.append(clip_differences(loss_plus, loss_minus, self.zo_eps, self.clip))
             means.append(0.5 * (loss_plus.detach().float().mean() + loss_minus.detach().float().mean()))
         self._step_inputs = (seeds, clipped)
-        first = outputs[0][0]
         result = dict(first) if isinstance(first, Mapping) else {}
         result.pop("per_sample_loss", None)
         result["loss"] = torch.stack(means).mean()
         return result
 
     def _probe_fn(self, args: tuple, kwargs: dict) -> Callable[[], Any]:
-        """A callable that runs the user's ``training_step`` once (own autocast region), with dropout handled."""
+        """A callable that runs the user's ``training_step`` once (own autocast region), with dropout handled.
+
+        ``dropout="same"``: the RNG state is saved at the first call (the chunk's first probe) and replayed at every
+        call, so all probes of one chunk (±λ, every direction) see the same dropout masks."""
         module = self.lightning_module
         run = super().training_step  # Lightning's: own precision/autocast context, then the user's training_step
 
@@ -304,11 +343,14 @@ class DPZeroStrategy(DPStrategyBase):
 
             return probe
 
-        cpu_state = torch.get_rng_state()
         device = self.root_device
-        cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        saved: tuple[Tensor, Tensor | None] | None = None
 
         def probe_same_masks() -> Any:
+            nonlocal saved
+            if saved is None:
+                saved = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            cpu_state, cuda_state = saved
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, device)
@@ -434,7 +476,7 @@ class ZOPlan(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and not isinstance(trainer.strategy, DPZeroStrategy):
-            raise TypeError(f"{type(self).__name__} works with DPZeroStrategy, got {type(trainer.strategy).__name__}")
+            raise IncompatibleStrategyError(f"{type(self).__name__} works with DPZeroStrategy, got {type(trainer.strategy).__name__}")
 
     def zo_setup(self, strategy: DPZeroStrategy, trainer: Any, resumed: bool) -> None:
         """Validate the configuration and set up the initial state."""
@@ -467,7 +509,9 @@ def _code_between_steps(trainer: Any) -> list[str]:
     """Callbacks and LightningModule hooks that may read the parameters while the next step's +λz is pending.
 
     Lightning's own callbacks that never read parameters (progress bars, model summary, LR monitor, timer, early
-    stopping) and checkpointing (the strategy hands out the clean state dict) are safe, as is PrivacyBudget.
+    stopping) and checkpointing (the strategy hands out the clean state dict) are safe, as is any callback that
+    declares ``reads_parameters = False`` (a class or instance attribute: e.g. a timing or logging callback; the
+    library's ``PrivacyBudget`` does).
     """
     from lightning.pytorch import Callback, LightningModule
     from lightning.pytorch.callbacks import (
@@ -479,29 +523,13 @@ def _code_between_steps(trainer: Any) -> list[str]:
         Timer,
     )
 
-    from lightning_dp.callbacks import PrivacyBudget
-
-    safe = (EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, Timer, PrivacyBudget)
+    safe = (EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, Timer)
     found = []
     for cb in trainer.callbacks:
-        if not isinstance(cb, safe) and any(is_overridden(h, cb, Callback) for h in _HOOKS_BETWEEN_STEPS):
+        if isinstance(cb, safe) or getattr(cb, "reads_parameters", True) is False:
+            continue
+        if any(is_overridden(h, cb, Callback) for h in _HOOKS_BETWEEN_STEPS):
             found.append(type(cb).__name__)
     module = trainer.lightning_module
     found += [f"{type(module).__name__}.{h}" for h in _HOOKS_BETWEEN_STEPS if is_overridden(h, module, LightningModule)]
     return found
-
-
-def _check_zo_optimizer(optimizer: Optimizer) -> None:
-    if type(optimizer) is not SGD:
-        raise UnsafeSettingError(
-            f"DPZeroStrategy performs zeroth-order SGD and takes the learning rate, weight decay and schedule from "
-            f"your optimizer, which must therefore be `torch.optim.SGD` (got {type(optimizer).__name__}, whose "
-            "update rule would be silently ignored). Return `torch.optim.SGD(params, lr=...)` from "
-            "`configure_optimizers`."
-        )
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0) or group.get("nesterov", False):
-            raise UnsafeSettingError(
-                "DPZeroStrategy performs plain zeroth-order SGD: `momentum`/`nesterov` of your SGD optimizer would be "
-                "ignored. Use `torch.optim.SGD(params, lr=..., momentum=0)`."
-            )

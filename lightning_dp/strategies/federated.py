@@ -1,52 +1,55 @@
 """``Trainer(strategy=DPLoRAFederatedStrategy(eps=8, clients=4, rounds=20))``: federated LoRA fine-tuning with
 client-level differential privacy (DP-LoRA, Liu et al., arXiv 2312.17493, with an explicit privacy unit and
-Opacus's accountant)."""
+Opacus's accountant). The protocol's math is in :mod:`lightning_dp.mechanisms.federated`,
+:mod:`lightning_dp.mechanisms.adapters` and :mod:`lightning_dp.mechanisms.federated_accounting`; this module maps
+Lightning's hooks onto it."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
+import weakref
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_dp.mechanisms.adapters import AdapterVector, adapter_parameters, fingerprint, lora_a_parameters
 from lightning_dp.mechanisms.buffers import BufferSnapshot
 from lightning_dp.mechanisms.collective import LocalCollective, default_collective
 from lightning_dp.mechanisms.dpsgd import BookKeepingDPSGD
 from lightning_dp.mechanisms.federated import (
     PLACEMENTS,
-    AdapterVector,
-    ClientUpload,
+    ClientSampling,
+    FederatedAveraging,
     FederatedBatchSampler,
     RoundSchedule,
-    aggregate_uploads,
     client_noise_std,
-    is_lora_a_name,
-    is_lora_name,
-    privatize_upload,
-    sample_clients,
     split_iid,
+    training_loss,
 )
+from lightning_dp.mechanisms.federated_accounting import FederatedAccounting
 from lightning_dp.mechanisms.noise import GaussianNoise
 from lightning_dp.mechanisms.per_sample import per_sample_loss
-from lightning_dp.privacy.accounting import (
-    PrivacyAccountant,
-    calibrate_noise_multiplier,
-    default_delta,
-    validate_privacy_args,
-)
+from lightning_dp.privacy.accounting import calibrate_noise_multiplier, default_delta, validate_privacy_args
 from lightning_dp.privacy.sampling import dataset_size, is_empty_batch, loader_batch_size, poisson_dataloader
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
 
 __all__ = ["DPLoRAFederatedStrategy"]
 
 _AGGREGATIONS = ("factors", "b_only")
+_CLIENTS_FILE_VERSION = 1
+# what a resumed run must share with the checkpoint's run (the round schedule, the mechanism and its accounting)
+_RESUME_SETTINGS = ("clients", "client_fraction", "local_steps", "aggregation", "noise_placement", "world_size",
+                    "example_level", "example_clip")
 
 
 class DPLoRAFederatedStrategy(DPStrategyBase):
@@ -75,8 +78,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     the clients' data. None of them is logged, reported (``privacy_report()``, the ``PrivacyBudget`` JSON) or saved.
     The per-client records (:class:`~lightning_dp.mechanisms.federated.ClientUpload`, in ``_round_log``) and
     :attr:`nonfinite_updates` are non-private diagnostics for tests and debugging: never log them. A
-    ``sampling_seed`` drawn from OS entropy never reaches a checkpoint, and a checkpoint holds only the released
-    global adapters and no optimizer state.
+    ``sampling_seed`` drawn from OS entropy never reaches a checkpoint.
 
     **Protocol.** A Lightning step is one local step of the active virtual client; a round is ``clients_per_rank ×
     local_steps`` steps on every rank (one epoch = one round). Each round, each client is sampled independently with
@@ -88,25 +90,42 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     SUM all-reduce of one flat fp32 buffer of the adapter size per round, and ``θ ← θ + server_lr · Σ / (q·K)``,
     identical on every rank. Steps of non-sampled or empty clients run no forward and do not change the model.
 
-    **What travels.** The trainable adapter tensors: LoRA factors and ``modules_to_save`` copies (the classification
-    head, if you put it there). Frozen base weights never change and are never sent. At setup, ranks compare a
-    SHA-256 fingerprint of their frozen weights and buffers (a few bytes per rank), and rank 0's initial adapters are
-    broadcast once (adapter-sized). ``privacy_report()["communication"]`` counts the bytes per round next to what
-    full-model federated averaging would send; they are also logged (``federated/*``) at each round end.
+    **What travels.** The trainable tensors, which must be peft's adapter tensors (found through peft's layer
+    classes): LoRA factors and ``modules_to_save`` copies (the classification head, if you put it there). Frozen
+    base weights never change and are never sent. At setup, ranks compare a SHA-256 fingerprint of their frozen
+    weights and buffers (a few bytes per rank), and rank 0's initial adapters are broadcast once (adapter-sized).
+    ``privacy_report()["communication"]`` counts the bytes per round next to what full-model federated averaging
+    would send; they are also logged (``federated/*``) at each round end.
 
     **LoRA.** Pass a LightningModule that already holds a peft model (``get_peft_model``), or ``lora=LoraConfig(...)``
-    and the adapters are injected into your module at setup (``peft.inject_adapter_in_model``, before
-    ``configure_optimizers`` runs: build the optimizer from ``self.parameters()`` filtered on ``requires_grad``).
-    ``aggregation="factors"`` averages A and B (the paper's FedAvg; its error against averaging the products is
-    the second-order cross term, see :func:`~lightning_dp.mechanisms.federated.lora_product_gap`). ``"b_only"``
-    freezes every ``lora_A`` at its shared random initialization and trains only B (FFA-LoRA), so averaging is exact
-    and the noise enters the weight update linearly.
+    and the adapters are injected into your module when the Trainer attaches it (``peft.inject_adapter_in_model``,
+    before a checkpoint is loaded and before ``configure_optimizers`` runs: build the optimizer from
+    ``self.parameters()`` filtered on ``requires_grad``). ``aggregation="factors"`` averages A and B (the paper's
+    FedAvg; its error against averaging the products is the second-order cross term, see
+    :func:`~lightning_dp.mechanisms.adapters.lora_product_gap`). ``"b_only"`` freezes every ``lora_A`` at its shared
+    random initialization and trains only B (FFA-LoRA), so averaging is exact and the noise enters the weight update
+    linearly.
 
     **Clients and data.** ``clients`` must be a multiple of the number of ranks; rank r hosts clients
     ``r·K/W … (r+1)·K/W − 1``. With ``partition`` (one list of dataset indices per client), every rank holds the
     same training dataset and client k trains on ``partition[k]``: that is simulation on one machine. Without it,
     each rank's training dataset is the data of the clients it hosts (one institution per process or machine),
-    split uniformly among its virtual clients.
+    split uniformly among its virtual clients by the public ``seed`` (so a resumed run keeps every client's data).
+
+    **Checkpoints and resuming.** A checkpoint holds only released state: the global adapters (mid-round, the
+    module holds a client's local, un-noised adapters: they are replaced), no optimizer state, and the public DP
+    state (the accountant, the completed rounds, the settings). What each client keeps between rounds (its optimizer
+    state, e.g. a momentum: a sum of its raw gradients) stays with the rank that hosts it: every rank writes its
+    clients' states to ``<checkpoint>.clients-<rank>-of-<world size>`` beside the checkpoint (removed with it by
+    ``ModelCheckpoint``). Like the clients' data, never release those files. ``trainer.fit(model, ckpt_path=...)``
+    resumes with the same number of ranks: the round index, the global adapters, the clients' states and the
+    accountant continue (ε adds up), and a fresh secret sampling seed is drawn. Resuming with other ``clients``,
+    ``client_fraction``, ``clip``, ``local_steps``, ``aggregation``, ``noise_placement``, example-level settings
+    or number of ranks is refused; keep the same data and ``partition`` (not checked: per-client sizes are private).
+    A checkpoint written in the middle of a round resumes at the start of that round: the partial round is
+    discarded (nothing of it was released: uploads leave a rank only at the round's all-reduce, and the clients'
+    states saved are those of the last completed round), so the rounds then no longer align with epochs.
+    ``trainer.validate``/``test(model, ckpt_path=...)`` evaluate a checkpoint's global adapters.
 
     **Costs.** Per round and rank, a copy of the adapters and an accumulator (2 × adapter size), per hosted client
     its optimizer state. Compute: only sampled clients run forward/backward. With ``"local"`` noise, the server's
@@ -116,8 +135,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     it during training), several training dataloaders, ``gradient_clip_val``, ``16-mixed``, ``limit_train_batches``,
     normalization layers with running statistics (BatchNorm, InstanceNorm with ``track_running_stats``: local,
     unprivatized state) and any buffer that a client's forward changes (refused before that client's update is
-    released), a tensor other than the adapters fixed at setup becoming trainable (checked at every step, e.g.
-    ``BackboneFinetuning``), a second ``fit`` with the same instance, resuming from a checkpoint (not supported yet).
+    released), a trainable tensor that is not a peft adapter tensor, a tensor other than the adapters fixed at setup
+    becoming trainable (checked at every step, e.g. ``BackboneFinetuning``), a second ``fit`` with the same instance.
     A client update that is not finite (NaN/inf) contributes zero (its upload is noise only) and is counted in the
     non-private :attr:`nonfinite_updates`.
 
@@ -127,33 +146,55 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             clients.
         noise_multiplier: σ instead of ``eps`` (0 gives a non-private run; ε is then reported as infinite).
         clip: C, the bound on the norm of each client's whole adapter update in one round.
-        rounds: the number of rounds. Without it, the Trainer's ``max_epochs`` (one epoch = one round) or
-            ``max_steps // steps_per_round`` sets the plan. With it, training stops after ``rounds`` rounds.
+        accountant: ``"prv"`` (default, tight) or ``"rdp"``, both from Opacus.
+        seed: seed of the public randomness (the default split of a rank's data among its clients); drawn from OS
+            entropy and shared by all ranks if ``None``. Saved in checkpoints.
+        sampling_seed: seed of the client sampling and of the clients' local batches. Leave ``None``: a secret seed
+            is drawn from OS entropy for every fit and every resume and is never saved. A seed you pass (tests) IS
+            saved in checkpoints: never release such a checkpoint.
+        rounds: the number of rounds of the whole run (a resumed run included). Without it, the Trainer's
+            ``max_epochs`` (one epoch = one round) or ``max_steps // steps_per_round`` sets the plan. With it,
+            training stops after ``rounds`` rounds.
         local_steps: local optimizer steps per sampled client per round.
-        clients: K, the number of clients (default: one per rank).
+        clients: K, the number of clients (default: the length of ``partition``, else one per rank).
         client_fraction: q, the probability that a client takes part in a round.
         lora: a ``peft.LoraConfig`` to inject, or ``None`` if the module already holds LoRA adapters.
         aggregation: ``"factors"`` or ``"b_only"``, see above.
         noise_placement: ``"local"`` (default) or ``"distributed"``, see above.
         server_lr: η_s, the step the server takes along the averaged update.
         partition: one sequence of training-dataset indices per client (simulation), or ``None``.
-        example_eps / example_noise_multiplier: optional example-level DP-SGD inside each client (target ε,
-            calibrated for the worst case of a client sampled in every round with the smallest shard, or σ).
+        example_eps: optional example-level DP-SGD inside each client: its target ε, calibrated for the worst case
+            of a client sampled in every round with the smallest shard.
+        example_noise_multiplier: the σ of that DP-SGD instead of ``example_eps``.
         example_clip: per-example clipping norm of that DP-SGD.
         example_delta: its δ; default ``1 / N^1.1`` with N the total number of examples of all clients.
-        accountant, seed, sampling_seed, **kwargs: see :class:`~lightning_dp.strategies.base.DPStrategyBase`
-            (``sampling_seed`` keys the client sampling, the local batches and the default split: leave it ``None``
-            so that it is a secret drawn from OS entropy and never saved; a seed you pass is saved in checkpoints).
+        cluster_environment: Lightning's cluster environment (normally chosen by the Trainer: torchrun, SLURM, ...).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ...; default: Lightning's choice for the device.
+        timeout: timeout of the collectives.
+        start_method: how processes are started with several devices (``"popen"``, ``"spawn"``, ``"fork"``,
+            ``"forkserver"``), see :class:`~lightning_dp.strategies.base.DPStrategyBase`.
+
+    Raises:
+        ValueError: an argument out of range (``rounds``, ``local_steps``, ``clients`` < 1, ``client_fraction``
+            outside (0, 1], an unknown ``aggregation`` or ``noise_placement``, ``server_lr`` or ``example_clip``
+            not a finite positive number, ``example_delta`` without example-level DP, a ``partition`` whose length
+            is not ``clients``, or the privacy arguments of :class:`~lightning_dp.strategies.base.DPStrategyBase`).
+        UnsafeSettingError: at ``fit``, for the settings refused above; at resume, for a checkpoint whose run
+            differs from this one.
     """
 
     mechanism_name = "dplora_federated"
 
     def __init__(
         self,
+        *,
         eps: float | None = None,
         delta: float | None = None,
         noise_multiplier: float | None = None,
         clip: float = 1.0,
+        accountant: Literal["prv", "rdp"] = "prv",
+        seed: int | None = None,
+        sampling_seed: int | None = None,
         rounds: int | None = None,
         local_steps: int = 1,
         clients: int | None = None,
@@ -167,10 +208,10 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         example_noise_multiplier: float | None = None,
         example_clip: float = 1.0,
         example_delta: float | None = None,
-        accountant: str = "prv",
-        seed: int | None = None,
-        sampling_seed: int | None = None,
-        **kwargs: Any,
+        cluster_environment: ClusterEnvironment | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         if rounds is not None and not (isinstance(rounds, int) and rounds >= 1):
             raise ValueError(f"`rounds` must be an int >= 1, got {rounds!r}")
@@ -197,7 +238,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             raise ValueError(f"`partition` has {len(partition)} shards for clients={clients}")
         super().__init__(
             eps=eps, delta=delta, noise_multiplier=noise_multiplier, clip=clip, accountant=accountant,
-            poisson_sampling=True, seed=seed, sampling_seed=sampling_seed, **kwargs,
+            poisson_sampling=True, seed=seed, sampling_seed=sampling_seed, cluster_environment=cluster_environment,
+            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
         )
         self.rounds = rounds
         self.local_steps = local_steps
@@ -219,29 +261,65 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self.rounds_completed = 0
         self.batch_size: int | None = None
         self.communication: dict[str, Any] = {}
-        self.nonfinite_updates = 0
-        """NON-PRIVATE diagnostic: how many uploads of this rank's clients had a non-finite update (NaN/inf) and
-        contributed zero instead (noise only). It depends on the clients' data: never log, report or save it."""
+        self._fedavg: FederatedAveraging | None = None
+        self._accounting = FederatedAccounting(self.accountant.kind)
         # private, per-client state: statistics of the clients' data or of the secret client sampling. Never logged,
         # reported or saved (see `ClientUpload`).
-        self._shard_sizes: list[int] | None = None
+        self._clients: ClientSampling | None = None
         self._round_log: list[dict[str, Any]] = []  # per completed round: this rank's `ClientUpload`s
-        self._uploads: list[ClientUpload] = []  # this rank's clients in the current round
         self._sampler: FederatedBatchSampler | None = None
         self._buffers: BufferSnapshot | None = None
-        self._global: Tensor | None = None
-        self._upload_sum: Tensor | None = None
-        self._client_optimizer_states: list[list[dict | None]] = []
-        self._adapters_injected = False
+        self._step_offset: int | None = None  # protocol step = Lightning's global step + offset (see `_step`)
+        self._restored_clients: dict[str, Any] | None = None
+        self._injected_into: weakref.ref | None = None
         self._fitted = False
         self._step_kind = "skip"
         self._losses: Tensor | None = None
         self._dpsgd: BookKeepingDPSGD | None = None
         self._dpsgd_verify = True
-        self._sampled_cache: dict[int, Tensor] = {}
-        self._epsilon_cache: dict[tuple, float] = {}
+
+    @property
+    def nonfinite_updates(self) -> int:
+        """NON-PRIVATE diagnostic: how many uploads of this rank's clients had a non-finite update (NaN/inf) and
+        contributed zero instead (noise only). It depends on the clients' data: never log, report or save it."""
+        return 0 if self._fedavg is None else self._fedavg.nonfinite_updates
+
+    @property
+    def _global(self) -> Tensor | None:
+        """The global (released) adapters θ, flat fp32."""
+        return None if self._fedavg is None else self._fedavg.global_adapters
+
+    @property
+    def _shard_sizes(self) -> list[int] | None:
+        return None if self._clients is None else self._clients.shard_sizes
+
+    def _step(self, global_step: int) -> int:
+        """The protocol's step of a Lightning global step: they differ by the steps of a partial round discarded at
+        resume (0 otherwise)."""
+        return int(global_step) + (self._step_offset or 0)
 
     # ------------------------------------------------------------------ setup
+    def connect(self, model: Any) -> None:
+        """Attach the module and inject ``lora`` into it (once), before any checkpoint is loaded into it."""
+        super().connect(model)
+        self._inject_adapters(model)
+
+    def _inject_adapters(self, module: nn.Module) -> None:
+        if self.lora is None:
+            return
+        injected = self._injected_into is not None and self._injected_into() is module
+        if injected:
+            return
+        if adapter_parameters(module):
+            raise UnsafeSettingError(
+                "the module already holds LoRA adapters and `lora=` asks to inject more: pass `lora=None` to "
+                "federate the adapters it has"
+            )
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(self.lora, module)
+        self._injected_into = weakref.ref(module)
+
     def setup(self, trainer: Any) -> None:
         """Like :meth:`DPStrategyBase.setup`, without its broadcast of the whole model: the frozen base must never
         travel, so ranks compare its fingerprint instead and only the adapters are broadcast."""
@@ -250,7 +328,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             if self._fitted:
                 raise UnsafeSettingError(
                     "a DPLoRAFederatedStrategy trains once (its rounds, client sampling and accounting belong to one "
-                    "fit): create a new strategy for another fit, and add the privacy spends of both runs"
+                    "fit): create a new strategy for another fit (or resume it with `ckpt_path=`), and add the "
+                    "privacy spends of both runs"
                 )
             self._fitted = True
             self._refuse_unsafe_settings(trainer)
@@ -265,36 +344,29 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             return
         self._collective = default_collective()
         self._noise = GaussianNoise(self.root_device)
-        self.seed = int(self.broadcast(secrets.randbits(62) if self.seed is None else self.seed))
-        self._draw_sampling_seed({})  # secret unless the user passed one; the base's dp_state_dict never saves it
+        restored = self._restored or {}
+        seed = restored.get("seed", self.seed)
+        self.seed = int(self.broadcast(secrets.randbits(62) if seed is None else seed))
+        self._draw_sampling_seed(restored)  # secret unless the user passed one; dp_state_dict never saves a secret
+        if "steps_taken" in restored:
+            self.steps_taken = int(restored["steps_taken"])
         self.setup_mechanism(trainer)
 
     def _prepare_adapters(self, module: nn.Module) -> None:
-        """Inject ``lora`` (once), and under ``"b_only"`` freeze the A factors, before the optimizers are built."""
-        has_lora = any(is_lora_name(n) for n, _ in module.named_parameters())
-        if self.lora is not None and not self._adapters_injected:
-            if has_lora:
-                raise UnsafeSettingError(
-                    "the module already holds LoRA adapters and `lora=` asks to inject more: pass `lora=None` to "
-                    "federate the adapters it has"
-                )
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(self.lora, module)
-            self._adapters_injected = True
-        elif not has_lora:
+        """Before the optimizers are built: the module holds peft adapters, and under ``"b_only"`` its A factors
+        are frozen."""
+        if not adapter_parameters(module):
             raise UnsafeSettingError(
                 "DPLoRAFederatedStrategy found no LoRA adapter in the module: pass `lora=peft.LoraConfig(...)` or a "
                 "module holding a peft model (`peft.get_peft_model`)"
             )
         if self.aggregation == "b_only":
-            for name, p in module.named_parameters():
-                if is_lora_a_name(name):
-                    p.requires_grad_(False)
+            for _, p in lora_a_parameters(module):
+                p.requires_grad_(False)
 
     def setup_mechanism(self, trainer: Any) -> None:
         module = self.lightning_module
-        assert self._collective is not None
+        assert self._collective is not None and self._noise is not None
         world = self.world_size
         if self.num_clients is None:
             self.num_clients = world
@@ -303,36 +375,48 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
                 f"clients={self.num_clients} is not a multiple of the {world} ranks: every rank must host the same "
                 "number of clients (so all ranks reach each round's all-reduce together)"
             )
+        self._check_resumed_settings()
         self._refuse_data_dependent_buffers(module, "each client's statistics would be neither federated nor noised")
         self.schedule = RoundSchedule(self.num_clients // world, self.local_steps, self.global_rank)
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not trainable:
             raise UnsafeSettingError("the module has no trainable adapter tensor: nothing to federate")
-        names = {id(p) for _, p in trainable}
+        adapters = adapter_parameters(module)
+        adapter_ids = {id(p) for _, p in adapters}
+        others = [n for n, p in trainable if id(p) not in adapter_ids]
+        if others:
+            raise UnsafeSettingError(
+                f"{', '.join(others)} require(s) grad but is not a peft adapter tensor: DPLoRAFederatedStrategy "
+                "federates the adapters only. Freeze it (`requires_grad_(False)`) or let peft train it "
+                "(`LoraConfig(modules_to_save=[...])`)."
+            )
+        trainable_ids = {id(p) for _, p in trainable}
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.requires_grad and id(p) not in names:  # pragma: no cover - defensive
+                    if p.requires_grad and id(p) not in trainable_ids:  # pragma: no cover - defensive
                         raise UnsafeSettingError("an optimizer holds a trainable parameter that is not in the module")
         self.adapters = AdapterVector(trainable)
-        lora_all = [(n, p) for n, p in module.named_parameters() if is_lora_name(n)]
         frozen = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())
-                  if not is_lora_name(n) and not (isinstance(t, nn.Parameter) and t.requires_grad)]
+                  if id(t) not in adapter_ids]
         self._check_same_base(frozen)
-        self._broadcast_from_rank0([p for _, p in lora_all] + [p for n, p in trainable if not is_lora_name(n)])
-        self._global = self.adapters.read()
-        self._upload_sum = torch.zeros_like(self._global)
-        self._client_optimizer_states = [[None] * len(self.optimizers) for _ in range(self.schedule.clients_per_rank)]
-        self.rounds_completed = 0
-        self.nonfinite_updates = 0
+        self._broadcast_from_rank0([p for _, p in adapters])
+        self._fedavg = FederatedAveraging(
+            self.adapters, self.schedule.clients_per_rank, len(self.optimizers), self.num_clients,
+            self.client_fraction, self.clip, self.server_lr, self._noise,
+        )
+        restored = (self._restored or {}).get("federated", {})
+        self.rounds_completed = int(restored.get("rounds_completed", 0))
+        if self._restored_clients is not None:
+            self._fedavg.client_states.load_state_dict(self._restored_clients["client_states"])
+            self._restored_clients = None
+        self._step_offset = None
         self._round_log = []
-        self._uploads = []
-        self._sampled_cache = {}
         self._buffers = None
         if self.example_level:
             self._dpsgd = BookKeepingDPSGD(module, self.example_clip)
             self._dpsgd_verify = True
-        full = [p for n, p in module.named_parameters() if not is_lora_name(n)]
+        full = [p for n, p in module.named_parameters() if id(p) not in adapter_ids]
         upload = self.adapters.numel * 4  # one flat fp32 buffer
         full_bytes = sum(p.numel() * p.element_size() for p in full)
         self.communication = {
@@ -349,11 +433,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         }
 
     def _check_same_base(self, frozen: list[tuple[str, Tensor]]) -> None:
-        digest = hashlib.sha256()
-        for name, t in frozen:
-            digest.update(name.encode())
-            digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        mine = int.from_bytes(digest.digest()[:7], "little")
+        mine = fingerprint(frozen)
         assert self._collective is not None
         reference = self._collective.broadcast_int(mine)
         mismatch = torch.tensor([float(mine != reference)], device=self.root_device)
@@ -397,25 +477,30 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
                     raise ValueError(f"`partition[{k}]` holds an index outside the training dataset of {n} examples")
             shards = [self.partition[k] for k in hosted]
         else:
-            shards = split_iid(n, cpr, self.sampling_seed)
+            shards = split_iid(n, cpr, self.seed)  # the public seed: the same split after a resume
         sizes = torch.zeros(self.num_clients, dtype=torch.float64, device=self.root_device)
         for k, shard in zip(hosted, shards):
             sizes[k] = len(shard)
         self._collective.all_reduce_sum(sizes)  # shard sizes of all clients (K numbers, for the accounting)
-        self._shard_sizes = [int(s) for s in sizes.tolist()]
-        self.dataset_size = sum(self._shard_sizes)
+        self.dataset_size = int(sizes.sum().item())
+        if self._step_offset is None:
+            # a checkpoint written mid-round resumes at the start of that round (its partial round is discarded)
+            self._step_offset = self.rounds_completed * self.schedule.steps_per_round - trainer.global_step
+        self._clients = ClientSampling(self.sampling_seed, self.num_clients, self.client_fraction,
+                                       [int(s) for s in sizes.tolist()])
         self._sampler = FederatedBatchSampler(
-            shards, self.schedule, self.batch_size, self._participates, self.sampling_seed, self.example_level,
-            step_source=lambda: trainer.global_step,
+            shards, self.schedule, self.batch_size, self._clients.participates, self.sampling_seed,
+            self.example_level, step_source=lambda: self._step(trainer.global_step),
         )
         self._configure_federated_privacy(trainer)
         return poisson_dataloader(dataloader, self._sampler)
 
     def _configure_federated_privacy(self, trainer: Any) -> None:
         assert self.schedule is not None and self.num_clients is not None and self._shard_sizes is not None
+        restored = self._restored or {}
         spr = self.schedule.steps_per_round
         planned = self._planned_steps(trainer, spr)
-        trainer_rounds = None if planned is None else planned // spr
+        trainer_rounds = None if planned is None else self._step(planned) // spr
         if self.rounds is not None:
             self.planned_rounds = self.rounds if trainer_rounds is None else min(self.rounds, trainer_rounds)
         elif trainer_rounds is None:
@@ -434,52 +519,62 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         self.sample_rate = self.client_fraction
         self.expected_batch_size = self.client_fraction * self.num_clients  # expected participants per round
         if self.delta is None:
-            self.delta = min(1e-5, default_delta(self.num_clients))
+            self.delta = restored.get("delta", min(1e-5, default_delta(self.num_clients)))
         if self.target_epsilon is not None:
-            self.noise_multiplier = calibrate_noise_multiplier(
-                self.target_epsilon, self.delta, self.sample_rate, self.planned_rounds, self.accountant.kind
-            )
-        if self.example_level:
-            nonempty = [s for s in self._shard_sizes if s > 0]
-            if not nonempty:
-                raise UnsafeSettingError("every client shard is empty: no data to train on")
-            if self.example_delta is None:
-                self.example_delta = default_delta(self.dataset_size)
-            if self.example_target_epsilon is not None:
-                q_max = min(1.0, self.batch_size / min(nonempty))
-                self.example_noise_multiplier = calibrate_noise_multiplier(
-                    self.example_target_epsilon, self.example_delta, q_max, self.planned_rounds * self.local_steps,
-                    self.accountant.kind,
+            if restored:  # σ of the run being continued (its plan is what ε was calibrated for)
+                self.noise_multiplier = float(restored["noise_multiplier"])
+            else:
+                self.noise_multiplier = calibrate_noise_multiplier(
+                    self.target_epsilon, self.delta, self.sample_rate, self.planned_rounds, self.accountant.kind
                 )
+        if self.example_level:
+            if not any(s > 0 for s in self._shard_sizes):
+                raise UnsafeSettingError("every client shard is empty: no data to train on")
+            example = restored.get("federated", {})
+            if self.example_delta is None:
+                self.example_delta = example.get("example_delta") or default_delta(self.dataset_size)
+            if self.example_target_epsilon is not None:
+                if restored:
+                    self.example_noise_multiplier = float(example["example_noise_multiplier"])
+                else:
+                    self.example_noise_multiplier = self._accounting.calibrate_example_noise(
+                        self.example_target_epsilon, self.example_delta, self.batch_size, self._shard_sizes,
+                        self.planned_rounds * self.local_steps,
+                    )
+        if restored and not self.accountant.history:
+            self.accountant.load_state_dict(restored["accountant"])
+        rank_zero_info(self.privacy_summary())
 
-    def _sampled(self, round_index: int) -> Tensor:
-        mask = self._sampled_cache.get(round_index)
-        if mask is None:
-            assert self.num_clients is not None and self.sampling_seed is not None
-            mask = sample_clients(self.sampling_seed, round_index, self.num_clients, self.client_fraction)
-            self._sampled_cache = {round_index: mask}
-        return mask
-
-    def _participates(self, round_index: int, client: int) -> bool:
-        """Sampled this round and holds data (a client without data has nothing to train on)."""
-        assert self._shard_sizes is not None
-        return bool(self._sampled(round_index)[client]) and self._shard_sizes[client] > 0
+    def privacy_summary(self) -> str:
+        """One line of the run's client-level privacy settings, printed at fit start (clients, fraction, rounds)."""
+        if self.target_epsilon is not None:
+            target = f"client-level target ε={self.target_epsilon:g}"
+        else:
+            target = "no target ε (noise_multiplier given; ε reported as spent)"
+        sigma = "σ=?" if self.noise_multiplier is None else f"σ={self.noise_multiplier:.4g}"
+        line = (f"DPLoRAFederatedStrategy: {target}, δ={self.delta:.3g}, {sigma}, {self.num_clients} clients, "
+                f"fraction q={self.client_fraction:.4g} per round, {self.planned_rounds} rounds planned, "
+                f"C={self.clip:g}, noise {self.noise_placement}, accountant={self.accountant.kind}")
+        if self.example_level and self.example_noise_multiplier is not None:
+            line += f"; example-level σ={self.example_noise_multiplier:.4g}, C={self.example_clip:g}"
+        return line
 
     # ------------------------------------------------------------------ the step: one local step of one client
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """One local step of the active client. First, before any forward: the per-step invariants (gradient
         accumulation, one training dataloader), the set of trainable tensors (exactly the federated adapters), the
         number of examples the sampler selected for this step, and (once) a snapshot of every buffer."""
-        assert self.schedule is not None
+        assert self.schedule is not None and self._clients is not None
         trainer = self.lightning_module.trainer
         self._check_step_invariants(trainer)
         self._check_trainable_set()
-        round_index, slot, _ = self.schedule.position(trainer.global_step)
+        step = self._step(trainer.global_step)
+        round_index, slot, _ = self.schedule.position(step)
         batch = args[0] if args else kwargs.get("batch")
-        examples = self._examples_of_step(trainer.global_step, batch)
+        examples = self._examples_of_step(step, batch)
         zero = {"loss": torch.zeros((), device=self.root_device)}
         self._losses = None
-        if not self._participates(round_index, self.schedule.client(slot)):
+        if not self._clients.participates(round_index, self.schedule.client(slot)):
             self._step_kind = "skip"
             return zero
         if examples and self._buffers is None:  # the first step that runs a forward
@@ -504,21 +599,21 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             return result
         self._step_kind = "plain"
         out = super().training_step(*args, **kwargs)
-        return _as_scalar_loss(out)
+        return training_loss(out)
 
-    def _examples_of_step(self, global_step: int, batch: Any) -> int:
+    def _examples_of_step(self, step: int, batch: Any) -> int:
         """The number of examples the federated sampler selected for this step's batch (0: empty or skipped)."""
-        count = None if self._sampler is None else self._sampler.pop_count(global_step)
+        count = None if self._sampler is None else self._sampler.pop_count(step)
         if count is None:
             raise UnsafeSettingError(
-                f"the batch of step {global_step} was not drawn by DPLoRAFederatedStrategy's client sampler: its "
+                f"the batch of step {step} was not drawn by DPLoRAFederatedStrategy's client sampler: its "
                 "number of examples, which the per-example contract and the round schedule rely on, is unknown. "
                 "Every batch must be one optimizer step (never return None from `training_step`), and the training "
                 "DataLoader must be the one passed to `trainer.fit` (not replaced or iterated outside the Trainer)."
             )
         if is_empty_batch(batch) != (count == 0):
             raise RuntimeError(f"internal error: the sampler selected {count} examples for the batch of step "
-                               f"{global_step}, which does not match the batch received")
+                               f"{step}, which does not match the batch received")
         return count
 
     def _check_trainable_set(self) -> None:
@@ -575,7 +670,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
             self._dpsgd_verify = False
             self._dpsgd.clear_grads()
         self._losses = None
-        _, slot, _ = self.schedule.position(module.trainer.global_step)
+        _, slot, _ = self.schedule.position(self._step(module.trainer.global_step))
         shard = self._shard_sizes[self.schedule.client(slot)]
         q = min(1.0, self.batch_size / shard)
         std = float(self.example_noise_multiplier) * self.example_clip
@@ -588,7 +683,7 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         assert self.schedule is not None
         trainer = self.lightning_module.trainer
-        round_index, slot, local = self.schedule.position(trainer.global_step)
+        round_index, slot, local = self.schedule.position(self._step(trainer.global_step))
         if local == 0:
             self._load_client_optimizer_state(slot)
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -600,32 +695,22 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
 
     # ------------------------------------------------------------------ client and round boundaries
     def _load_client_optimizer_state(self, slot: int) -> None:
-        for i, optimizer in enumerate(self.optimizers):
+        assert self._fedavg is not None
+        for optimizer, client_state in zip(self.optimizers, self._fedavg.client_states.get(slot)):
             state = optimizer.state_dict()
-            state["state"] = self._client_optimizer_states[slot][i] or {}
+            state["state"] = client_state
             optimizer.load_state_dict(state)
 
-    @torch.no_grad()
     def _end_client(self, round_index: int, slot: int) -> None:
-        """Refuse any buffer the client's forwards changed, then clip and noise the client's update, add it to
-        this rank's sum, and reset the adapters to the global ones for the next client."""
-        assert self.adapters is not None and self._global is not None and self._upload_sum is not None
-        assert self.schedule is not None and self._shard_sizes is not None and self._noise is not None
+        """Refuse any buffer the client's forwards changed, then the client's upload (clipped, noised) into this
+        rank's sum, and the adapters back to the global ones for the next client."""
+        assert self._fedavg is not None and self.schedule is not None and self._clients is not None
         self._check_buffers()
         client = self.schedule.client(slot)
-        for i, optimizer in enumerate(self.optimizers):
-            self._client_optimizer_states[slot][i] = optimizer.state_dict()["state"]
-        delta = self.adapters.read() - self._global
+        self._fedavg.client_states.stage(slot, [optimizer.state_dict()["state"] for optimizer in self.optimizers])
         std = client_noise_std(self.noise_multiplier, self.clip, self.num_clients, self.noise_placement)
-        participates = self._participates(round_index, client)
-        upload, info = privatize_upload(
-            delta, self.clip, std, self._noise, participates, round_index, client, self._shard_sizes[client],
-        )
-        if participates and not math.isfinite(info.update_norm):
-            self.nonfinite_updates += 1  # its upload is the noise alone (clip factor 0)
-        self._upload_sum.add_(upload.to(self._upload_sum.device))
-        self._uploads.append(info)
-        self.adapters.write_(self._global)
+        self._fedavg.end_client(std, self._clients.participates(round_index, client), round_index, client,
+                                self._clients.shard_sizes[client])
 
     def _check_buffers(self) -> None:
         """Before a client's update is released: every buffer must be as it was before the first forward (a buffer
@@ -633,22 +718,15 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         if self._buffers is not None:
             self._refuse_changed_buffers(self._buffers, "the forward pass of a client's local steps")
 
-    @torch.no_grad()
     def _end_round(self, round_index: int, trainer: Any) -> None:
         """One SUM all-reduce of the uploads, the server's averaged step, identical on every rank."""
-        assert self._collective is not None and self._upload_sum is not None and self._global is not None
-        assert self.adapters is not None and self.num_clients is not None
-        total = self._collective.all_reduce_sum(self._upload_sum)
-        self.communication["allreduce_bytes_total"] += total.numel() * total.element_size()
-        self._global.add_(aggregate_uploads(total, self.num_clients, self.client_fraction), alpha=self.server_lr)
-        self.adapters.write_(self._global)
-        self._upload_sum.zero_()
+        assert self._collective is not None and self._fedavg is not None
+        nbytes, uploads = self._fedavg.end_round(self._collective)
+        self.communication["allreduce_bytes_total"] += nbytes
         self.account_step()
         self.rounds_completed += 1
         # private (see `ClientUpload`): which clients took part is the secret the client sampling amplifies with
-        self._round_log.append({"round": round_index, "uploads": self._uploads,
-                                "allreduce_bytes": total.numel() * total.element_size()})
-        self._uploads = []
+        self._round_log.append({"round": round_index, "uploads": uploads, "allreduce_bytes": nbytes})
         metrics = {  # public only: never who or how many took part, shard sizes or update norms
             "federated/round": float(round_index),
             "federated/upload_bytes_per_round": float(self.communication["upload_bytes_per_round"]),
@@ -662,11 +740,8 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
 
     def _discard_partial_round(self) -> None:
         """A round cut short (``max_steps`` mid-round, an exception) releases nothing: back to the global adapters."""
-        if self.adapters is not None and self._global is not None:
-            self.adapters.write_(self._global)
-            if self._upload_sum is not None:
-                self._upload_sum.zero_()
-            self._uploads = []
+        if self._fedavg is not None:
+            self._fedavg.discard_round()
 
     def on_train_end(self) -> None:
         self._discard_partial_round()
@@ -676,9 +751,9 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         """Validation in the middle of a round sees the released global adapters, never a client's local ones
         (their metrics would be an un-noised function of that client's data)."""
         self._local_during_validation = None
-        if self.adapters is not None and self._global is not None:
+        if self._fedavg is not None and self.adapters is not None:
             self._local_during_validation = self.adapters.read()
-            self.adapters.write_(self._global)
+            self.adapters.write_(self._fedavg.global_adapters)
         super().on_validation_start()
 
     def on_validation_end(self) -> None:
@@ -707,32 +782,21 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         sampling amplification. Data-independent worst case: a client that took part in every completed round
         (which rounds a client actually took part in is secret, the client sampling's amplification rests on it,
         so it is never used here)."""
-        if self.delta is None or self.noise_multiplier is None or not self.rounds_completed:
-            return 0.0
-        per_upload = client_noise_std(self.noise_multiplier, 1.0, self.num_clients, self.noise_placement)
-        return self._composed_epsilon(per_upload / 2.0, 1.0, self.rounds_completed, self.delta)
+        return self._accounting.local_epsilon(
+            self.noise_multiplier, self.num_clients, self.noise_placement, self.rounds_completed, self.delta
+        )
 
     def example_epsilon(self) -> float:
         """Example-level ε inside each client, from its DP-SGD steps so far. Data-independent worst case, the one
         the calibration assumes: a client that took part in every completed round (``local_steps`` DP-SGD steps
         each) with the smallest non-empty dataset (the highest Poisson rate ``batch_size / N_k``)."""
-        if not self.example_level or self.example_delta is None or not self.rounds_completed:
+        if not self.example_level or not self.rounds_completed:
             return 0.0
         assert self._shard_sizes is not None and self.batch_size is not None
-        smallest = min((size for size in self._shard_sizes if size > 0), default=0)
-        if not smallest:
-            return 0.0
-        return self._composed_epsilon(self.example_noise_multiplier, min(1.0, self.batch_size / smallest),
-                                      self.rounds_completed * self.local_steps, self.example_delta)
-
-    def _composed_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-        """ε of ``steps`` releases at (σ, q) by this run's accountant kind (cached: PRV costs tens of ms)."""
-        key = (noise_multiplier, sample_rate, steps, delta)
-        if key not in self._epsilon_cache:
-            acc = PrivacyAccountant(self.accountant.kind)
-            acc.step(noise_multiplier, sample_rate, steps)
-            self._epsilon_cache[key] = acc.epsilon(delta)
-        return self._epsilon_cache[key]
+        return self._accounting.example_epsilon(
+            self.example_noise_multiplier, self.batch_size, self._shard_sizes,
+            self.rounds_completed * self.local_steps, self.example_delta,
+        )
 
     def privacy_report(self) -> dict[str, Any]:
         """Which unit, which guarantee, against whom, and the communication cost.
@@ -795,48 +859,110 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
         if self.delta is None or self.noise_multiplier is None or self.schedule is None:
             return 0.0
         trainer = self.lightning_module.trainer
-        done = (trainer.global_step + extra_steps) // self.schedule.steps_per_round - self.rounds_completed
+        done = self._step(trainer.global_step + extra_steps) // self.schedule.steps_per_round - self.rounds_completed
         return self.accountant.epsilon(self.delta, (self.noise_multiplier, self.sample_rate, max(0, done)))
 
     # ------------------------------------------------------------------ checkpoints
+    def dp_state_dict(self) -> dict[str, Any]:
+        """The base's DP state and the federated run's public state: completed rounds and the settings a resumed
+        run must share. Never a per-client statistic or a secret seed."""
+        state = super().dp_state_dict()
+        state["federated"] = {
+            "rounds_completed": self.rounds_completed,
+            "clients": self.num_clients,
+            "client_fraction": self.client_fraction,
+            "local_steps": self.local_steps,
+            "aggregation": self.aggregation,
+            "noise_placement": self.noise_placement,
+            "world_size": self.world_size,
+            "example_level": self.example_level,
+            "example_clip": self.example_clip if self.example_level else None,
+            "example_noise_multiplier": self.example_noise_multiplier,
+            "example_delta": self.example_delta,
+        }
+        return state
+
+    def _clients_path(self, filepath: Any) -> str:
+        """Where this rank keeps its hosted clients' states next to the checkpoint ``filepath``."""
+        return f"{filepath}.clients-{self.global_rank}-of-{self.world_size}"
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Only released state goes into a checkpoint: the global adapters (mid-round, the module holds a client's
-        local, un-noised adapters) and no optimizer state (the optimizer holds the last client's state, e.g. a
-        momentum that sums its raw gradients; resuming is not supported, so nothing needs it)."""
-        if self.adapters is not None and self._global is not None:
+        """Only released state goes into the checkpoint: the global adapters (mid-round, the module holds a client's
+        local, un-noised adapters) and no optimizer state (the optimizer holds the active client's state, e.g. a
+        momentum that sums its raw gradients). Every rank writes its clients' states (as of the last completed
+        round) to its own file beside it (:meth:`_clients_path`)."""
+        if self.adapters is not None and self._fedavg is not None:
             state = checkpoint.get("state_dict")
             if isinstance(state, dict):
-                chunks = torch.split(self._global, self.adapters.sizes)
-                for name, param, chunk in zip(self.adapters.names, self.adapters.params, chunks):
+                for name, value in self.adapters.named_chunks(self._fedavg.global_adapters):
                     if name not in state:
                         raise UnsafeSettingError(
                             f"the adapter tensor {name} is not in the checkpoint's state_dict, so its local (client) "
                             "value could not be replaced by the released global one; save the checkpoint from the "
                             "Trainer (`trainer.save_checkpoint`, ModelCheckpoint)"
                         )
-                    state[name] = chunk.view(param.shape).to(dtype=param.dtype, device=state[name].device).clone()
+                    state[name] = value.to(state[name].device)
             for opt_state in checkpoint.get("optimizer_states", []) or []:
                 if isinstance(opt_state, dict):
                     opt_state["state"] = {}
+            if "optimizer_states" in checkpoint:  # a full checkpoint (not weights_only): it can be resumed
+                clients = {"version": _CLIENTS_FILE_VERSION, "rounds_completed": self.rounds_completed,
+                           "client_states": self._fedavg.client_states.state_dict()}
+                self.checkpoint_io.save_checkpoint(clients, self._clients_path(filepath))
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # DP state: dp_state_dict
 
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove the checkpoint (rank 0) and this rank's file of client states beside it."""
+        super().remove_checkpoint(filepath)
+        self.checkpoint_io.remove_checkpoint(self._clients_path(filepath))
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        raise UnsafeSettingError(
-            "resuming a DPLoRAFederatedStrategy run is not supported: the per-client optimizer states and the "
-            "round in progress are not saved. Start a new run (its privacy spend adds to the old one's)."
-        )
+        """Fitting: the DP state and this rank's file of client states, to resume the run. Evaluating
+        (``validate``/``test``/``predict``): only the weights (the global adapters) are used.
 
+        Raises:
+            UnsafeSettingError: a checkpoint that cannot continue this run (not written by this strategy's fit, a
+                ``weights_only`` checkpoint, its client states missing or from another save).
+        """
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        state = self._restored
+        if state is None or "federated" not in state:
+            raise UnsafeSettingError(
+                "this checkpoint holds no federated DP state (it was not written by a DPLoRAFederatedStrategy fit): "
+                "its rounds, clients and privacy spend cannot be continued. Start a new run; to evaluate it, use "
+                "`trainer.validate`/`trainer.test`."
+            )
+        path = self._clients_path(checkpoint_path)
+        try:
+            clients = self.checkpoint_io.load_checkpoint(path, weights_only=True)
+        except FileNotFoundError:
+            raise UnsafeSettingError(
+                f"resuming needs the clients' states that rank {self.global_rank} saved beside the checkpoint "
+                f"({path}): missing (a `weights_only` checkpoint, another number of ranks, or the file was not "
+                "copied with the checkpoint)"
+            ) from None
+        if int(clients.get("rounds_completed", -1)) != int(state["federated"]["rounds_completed"]):
+            raise UnsafeSettingError(f"{path} was written by another save than {checkpoint_path}: resume from a "
+                                     "checkpoint and the client-state files saved with it")
+        self._restored_clients = clients
+        return checkpoint
 
-def _as_scalar_loss(out: Any) -> Any:
-    """Client-level DP needs only a training loss: a ``[B]`` tensor or ``per_sample_loss`` is averaged."""
-    if isinstance(out, Tensor) and out.ndim == 1:
-        return out.mean()
-    if isinstance(out, Mapping) and "loss" not in out and isinstance(out.get("per_sample_loss"), Tensor):
-        result = dict(out)
-        result["loss"] = result.pop("per_sample_loss").mean()
-        return result
-    if isinstance(out, Mapping) and "per_sample_loss" in out:
-        result = dict(out)
-        result.pop("per_sample_loss")
-        return result
-    return out
+    def _check_resumed_settings(self) -> None:
+        """A resumed run continues the checkpoint's protocol and privacy spend: the same round schedule, clients,
+        sampling rate, placement, aggregation and example-level mechanism."""
+        if not self._restored:
+            return
+        saved = self._restored["federated"]
+        mine = {"clients": self.num_clients, "client_fraction": self.client_fraction, "local_steps": self.local_steps,
+                "aggregation": self.aggregation, "noise_placement": self.noise_placement,
+                "world_size": self.world_size, "example_level": self.example_level,
+                "example_clip": self.example_clip if self.example_level else None}
+        differ = [f"{key}={saved.get(key)!r} (this run: {mine[key]!r})" for key in _RESUME_SETTINGS
+                  if saved.get(key) != mine[key]]
+        if differ:
+            raise UnsafeSettingError(
+                f"the checkpoint's federated run used {', '.join(differ)}: resume with the same settings (its "
+                "rounds, clients and privacy spend continue), or start a new run"
+            )

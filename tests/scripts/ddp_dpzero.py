@@ -2,9 +2,9 @@
 dump, per rank, the final parameters and every step's released scalar. Used by tests/test_ddp.py."""
 
 import argparse
-from datetime import timedelta
 import os
 import sys
+from datetime import timedelta
 
 import lightning.pytorch as L
 import torch

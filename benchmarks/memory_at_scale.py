@@ -5,9 +5,9 @@
     python benchmarks/memory_at_scale.py --sizes tiny,tiny2 --budget-gib 4     # seconds: what the tests run
 
 Models have the shapes of the OPT checkpoints (``OPTConfig`` of OPT-125M/350M/1.3B/2.7B: hidden size, layers, heads,
-FFN width, vocabulary 50272, tied input/output embeddings), random weights (nothing is downloaded), fp32, causal-LM loss of random token ids averaged per sequence over its own tokens
-(:func:`lightning_dp.losses.causal_lm`). Every method runs ONE step at ``--batch-size`` x ``--seq-len`` in its own
-fresh child process:
+FFN width, vocabulary 50272, tied input/output embeddings), random weights (nothing is downloaded), fp32, causal-LM
+loss of random token ids averaged per sequence over its own tokens (:func:`lightning_dp.losses.causal_lm`). Every
+method runs ONE step at ``--batch-size`` x ``--seq-len`` in its own fresh child process:
 
 ``adamw``    non-private: ``Trainer.fit`` (default strategy), ``torch.optim.AdamW``, fp32 weights + gradients + Adam
              state.
@@ -114,10 +114,9 @@ def build_model(size: str):
 
 
 def child_main(args) -> dict:
+    import lightning.pytorch as L
     import torch
     import torch.nn.functional as F  # noqa: F401 - imported before the limit like everything the step needs
-
-    import lightning.pytorch as L
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: F401 - mapped before the limit
 

@@ -29,7 +29,8 @@ gradient hooks (ours: refused with an error naming ``fc1``; Opacus: a shape erro
 gradients to examples. With the same shapes the parameter count is OPT's minus the 2050 x hidden position table
 (and, at 350M, without OPT-350M's 512-wide embedding projection).
 
-Memory is the child's ABSOLUTE peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``): libraries, Lightning, model,
+Memory is the child's ABSOLUTE peak resident set (``VmHWM`` of /proc/self/status; not ``ru_maxrss``, which Linux
+carries from the parent into a child across fork + exec): libraries, Lightning, model,
 optimizer state and the step, i.e. what has to fit in the machine. The model's parameter bytes are shown beside it.
 Step time is the wall time of the one step (Lightning's ``on_train_batch_start`` -> ``on_train_batch_end`` for the
 ``Trainer`` rows); for ``dp-adam`` it is the first step of a fit, the one whose gradient is also checked against
@@ -220,9 +221,15 @@ def child_main(args) -> dict:
         step_time.append(time.perf_counter() - start)
     else:
         raise ValueError(f"unknown method {args.method!r}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     return {"params": n_params, "param_bytes": param_bytes, "rss_before_model": before_model,
             "rss_after_model": after_model, "peak_rss": peak, "step_s": step_time[0]}
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark (its own, unlike ``ru_maxrss`` after fork + exec)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024  # kB
 
 
 def run_child_process(args, method: str, size: str, headroom_gib: float) -> dict:
@@ -256,7 +263,7 @@ def child_entry(args) -> None:
             out = {"status": "does not fit", "reason": f"allocation refused: {msg}"[:200]}
         else:
             raise
-    out["peak_rss"] = out.get("peak_rss") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = out.get("peak_rss") or peak_rss_bytes()
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 

@@ -273,7 +273,8 @@ def measure_interleaved(variants: list[str], model, batch, device, args) -> dict
             start = now(device)
             step(t)
             times[v].append(now(device) - start)
-    passes = {v: s.directions.passes / (args.warmup + args.repeats) for v, s in steps.items() if hasattr(s, "directions")}
+    passes = {v: s.directions.passes / (args.warmup + args.repeats)
+              for v, s in steps.items() if hasattr(s, "directions")}
     return {"times_by_variant": times, "passes_by_variant": passes}
 
 
@@ -347,7 +348,8 @@ def profile(model, batch, device, args) -> dict:
     torch.set_num_threads(threads)
 
     gen, buf = torch.Generator(), torch.empty(BLOCK)
-    blocks = [(p.view(-1), start, min(BLOCK, p.numel() - start)) for p in params for start in range(0, p.numel(), BLOCK)]
+    blocks = [(p.view(-1), start, min(BLOCK, p.numel() - start))
+              for p in params for start in range(0, p.numel(), BLOCK)]
 
     def gen_only():  # exactly the reference path's generation: reseed per block, randn into one block buffer
         for b, (_, _, n) in enumerate(blocks):

@@ -127,7 +127,9 @@ def _check_indices(tensors: Sequence[Tensor], indices: Sequence[Tensor | None] |
         if idx is None:
             continue
         if idx.dtype not in _INDEX_DTYPES or idx.ndim != 1:
-            raise ValueError(f"indices[{k}] must be a 1-D int32 or int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"indices[{k}] must be a 1-D int32 or int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
+            )
         if idx.device != t.device:
             raise ValueError(f"indices[{k}] is on {idx.device}, its tensor on {t.device}")
         if not idx.is_contiguous():

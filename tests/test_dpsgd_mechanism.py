@@ -313,3 +313,70 @@ def test_singly_used_weights_are_never_instantiated(monkeypatch):
     weights = {name for name, is_weight in instantiated if is_weight}
     assert weights == {"LayerNorm"}, instantiated
     assert {name for name, _ in instantiated} == {"Conv1D", "LayerNorm", "Linear"}  # biases only
+
+
+def _captured_losses(mech, model, x, y):
+    mech.batch_size = x.shape[0]
+    mech.capturing = True
+    try:
+        return F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(1)
+    finally:
+        mech.capturing = False
+
+
+def test_bk_frees_what_the_clipped_sum_does_not_need():
+    """bk: the output-gradient hook forms a LayerNorm's per-example gradients ([B, d], smaller than its stored input
+    and output gradient) at once and frees both; a linear weight keeps its factors for book-keeping; the check's
+    reference gradients are consumed (freed) before the flat buffer is allocated; the sum stays exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5, 4))
+    mech = BookKeepingDPSGD(model, clip=0.5)
+    reference = mech.backward(_captured_losses(mech, model, x, y), verify=True)
+    mech.clear_grads()
+    (norm_use,) = mech._uses[id(model[1])]
+    assert norm_use.a == () and norm_use.g is None
+    assert set(norm_use.dense) == {id(model[1].weight), id(model[1].bias)}
+    (linear_use,) = mech._uses[id(model[2])]
+    assert linear_use.g is not None and linear_use.dense is None
+    flat, result = mech.private_sum(5, 0.0, LocalCollective(), CPU, reference)
+    assert reference == {} and result.verified
+    expected = reference_grads(model, lambda m: F.cross_entropy(m(x).transpose(1, 2), y, reduction="none").mean(1),
+                               mech.params)
+    c = (0.5 / (expected.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    torch.testing.assert_close(flat.double(), (c[:, None] * expected).sum(0), rtol=1e-5, atol=1e-7)
+    mech.remove_hooks()
+
+
+def test_parameter_that_no_example_reached_gets_exactly_zero():
+    """The flat buffer is not zero-filled up front: the slice of a parameter whose module's output did not reach the
+    loss must still be written as exactly 0 (here on memory that held other values just before)."""
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = TwoHeads()
+    mech = BookKeepingDPSGD(model, clip=1.0)
+    x, y = torch.randn(6, 2, 4), torch.randint(0, 3, (6, 2))
+    names = [n for n, _ in model.named_parameters()]
+    for step in range(3):
+        losses = _captured_losses(mech, model, x, y)
+        reference = mech.backward(losses, verify=step == 0)
+        mech.clear_grads()
+        garbage = torch.full((mech.numel,), 7.0)  # freed right before the flat buffer is allocated
+        del garbage
+        flat, _ = mech.private_sum(6, 0.0, LocalCollective(), CPU, reference)
+        mech.write_grads(flat, 1.0)
+        for name, p in zip(names, mech.params):
+            if name.startswith("unused"):
+                assert torch.equal(p.grad, torch.zeros_like(p))
+            else:
+                assert p.grad.abs().sum() > 0
+        mech.clear_grads()
+    mech.remove_hooks()

@@ -15,7 +15,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "memory_at_scale.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import memory_at_scale as mas  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (VmHWM, RLIMIT_AS)")
 
 
 def test_prediction_fits_a_line_through_the_measured_sizes():

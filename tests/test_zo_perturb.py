@@ -46,7 +46,8 @@ def test_compiled_triton_rejects_cpu_tensors():
     """Without the interpreter, backend='triton' on CPU tensors is a clear error, and 'auto' uses the reference."""
     code = (
         "import torch, custom_kernels\n"
-        "assert torch.equal(custom_kernels.normal_stream(1, 0, 8), custom_kernels.normal_stream(1, 0, 8, backend='torch'))\n"
+        "assert torch.equal(custom_kernels.normal_stream(1, 0, 8),"
+        " custom_kernels.normal_stream(1, 0, 8, backend='torch'))\n"
         "try:\n"
         "    custom_kernels.normal_stream(1, 0, 8, backend='triton')\n"
         "except ValueError as err:\n"

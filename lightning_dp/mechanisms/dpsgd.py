@@ -15,6 +15,13 @@ of ``Σ_i ℓ_i``:
 * ``Σ_i c_i ∇_i`` is written per parameter into one flat fp32 buffer (book-keeping: from the stored ``a``, ``g``),
   Gaussian noise ``σC`` is fused into the same pass on the rank that adds it.
 
+Memory (bk): a module whose per-example gradients are all instantiated and small (``LayerNorm``, RMSNorm, Opacus
+layers, a linear layer with a frozen weight) gets them formed in its output-gradient hook, which then frees its
+stored input and output gradient during backward. The flat buffer is allocated only after the first step's check has
+consumed autograd's gradients, uninitialized (every slice is overwritten; on the CPU its pages become resident as they
+are written), and filled smallest parameter first, freeing each use's stored tensors once its last parameter is
+written, so that a large slice (a word embedding and its noise) is written when little else is left.
+
 Non-finite examples: an example whose squared norm is NaN or inf (a NaN/inf loss or input) gets ``c_i = 0`` and
 contributes exactly nothing: as ``0 · NaN = NaN``, its rows of the stored factors, output gradients and instantiated
 per-example gradients are zeroed before they enter the sum (copies, made only on a step that has such an example).
@@ -161,12 +168,16 @@ def _kind(module: nn.Module) -> str:
 
 
 class _Use:
-    __slots__ = ("a", "edge", "g")
+    __slots__ = ("a", "dense", "edge", "g")
 
     def __init__(self, a: Any) -> None:
         self.a = a
         self.edge: Any = None  # the output's autograd edge: backward can stop there (no weight-gradient GEMMs)
         self.g: Tensor | None = None
+        # bk mode, modules whose per-example gradients are all smaller than their stored input and output gradient
+        # (norms, small embeddings, ...): id(p) -> [B, *p.shape], formed in the output-gradient hook, which then
+        # frees `a` and `g` at once instead of holding them until the clipped sum
+        self.dense: dict[int, Tensor] | None = None
 
 
 class BookKeepingDPSGD:
@@ -228,6 +239,9 @@ class BookKeepingDPSGD:
         for n in self._sizes[:-1]:
             self._offsets.append(self._offsets[-1] + n)
         self.numel = sum(self._sizes)
+        # bk mode writes the clipped sums smallest parameter first: the stored inputs and output gradients of the
+        # many small ones are freed before a large one (e.g. a word embedding) needs its slice and its noise
+        self._write_order = sorted(range(len(self.params)), key=lambda k: self._sizes[k])
         self._uses: dict[int, list[_Use]] = {id(m): [] for _, m, _ in self._modules}
         self.capturing = False
         self.batch_size: int | None = None
@@ -249,7 +263,7 @@ class BookKeepingDPSGD:
         after a checked (ordinary) backward, which does not clear the edges."""
         for uses in self._uses.values():
             for use in uses:
-                use.a, use.g, use.edge = (), None, None
+                use.a, use.g, use.edge, use.dense = (), None, None, None
             uses.clear()
         self._opacus_cache.clear()
         self._ghost = None
@@ -275,7 +289,12 @@ class BookKeepingDPSGD:
             if self._ghost is not None:
                 self._ghost.on_output_grad(module, use, grad.detach())
             elif self.mode == "bk":
+                if use.dense is not None:
+                    raise RuntimeError(f"DP-SGD: the output of {self._info[id(module)][0] or '<root>'} received two "
+                                       "gradients in one backward")
                 use.g = grad.detach() if use.g is None else use.g + grad.detach()
+                if self._eager(module):
+                    self._instantiate(module, use)
 
         output.register_hook(store)
         return output
@@ -336,6 +355,28 @@ class BookKeepingDPSGD:
                     use.edge = None
 
     # ------------------------------------------------------------------ per-example pieces
+    def _eager(self, module: nn.Module) -> bool:
+        """bk mode: whether every trainable parameter of ``module`` is instantiated (``[B, *p.shape]``) and smaller
+        than what it is formed from, so that it is formed as soon as the output gradient arrives (LayerNorm,
+        RMSNorm, Opacus layers, linear layers with a frozen weight, embeddings with fewer rows than the tokens of an
+        example)."""
+        if self.batch_size is None:
+            return False
+        kind = self._info[id(module)][1]
+        if kind in ("layernorm", "hf_rmsnorm", "opacus"):
+            return True
+        if kind in ("linear", "conv1d"):
+            return not module.weight.requires_grad
+        return False
+
+    def _instantiate(self, module: nn.Module, use: _Use) -> None:
+        """Form the per-example gradients of ``module``'s trainable parameters for this use and free ``a``, ``g``."""
+        name, kind = self._info[id(module)]
+        self._check(name, module, use, self.batch_size)
+        use.dense = {id(p): self._dense(kind, module, use, p) for p in module.parameters(recurse=False)
+                     if p.requires_grad}
+        self._opacus_cache.pop(id(use), None)
+        use.a, use.g = (), None
     def _check(self, name: str, module: nn.Module, use: _Use, batch: int) -> None:
         x = use.a[0] if use.a else None
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch or use.g.shape[0] != batch:
@@ -460,20 +501,24 @@ class BookKeepingDPSGD:
         if batch > 0:
             for name, mod, kind in self._modules:
                 for use in self._uses[id(mod)]:
-                    if use.g is None:  # output did not reach the loss
+                    if use.g is None and use.dense is None:  # output did not reach the loss
                         continue
-                    self._check(name, mod, use, batch)
+                    if use.dense is None:  # (formed per-example gradients were checked in the hook)
+                        self._check(name, mod, use, batch)
                     for p in mod.parameters(recurse=False):
                         if p.requires_grad:
                             uses_of.setdefault(id(p), []).append((name, mod, kind, use))
             factored = {}  # singly used parameters whose norms need no per-example gradient
             for p in self.params:
                 uses = uses_of.get(id(p), [])
-                if len(uses) == 1:
+                if len(uses) == 1 and uses[0][3].dense is None:
                     _, mod, kind, use = uses[0]
                     plan = self._factored(kind, mod, p, use)
                     if plan is not None:
                         factored[id(p)] = plan
+                        if plan[0] == "factors":  # the use keeps the plan's (contiguous) factors, not two copies
+                            a, g = (plan[1], plan[2]) if kind == "linear" else (plan[2], plan[1])
+                            use.a, use.g = (a, *use.a[1:]), g
             shared = _SharedInputGrams(list(factored.values()))
             for p in self.params:
                 uses = uses_of.get(id(p), [])
@@ -490,7 +535,7 @@ class BookKeepingDPSGD:
                 # several uses (tied parameter) or a small parameter (bias, norm): per-example gradients, instantiated
                 total = None
                 for name, mod, kind, use in uses:
-                    gs = self._dense(kind, mod, use, p)
+                    gs = use.dense.pop(id(p)) if use.dense is not None else self._dense(kind, mod, use, p)
                     total = gs if total is None else total.add_(gs)
                 plans[id(p)] = ("dense", total.reshape(batch, -1).contiguous())
                 sq += plans[id(p)][1].square().sum(1)
@@ -505,14 +550,16 @@ class BookKeepingDPSGD:
             verified = self._verify(plans, reference_grads, batch, device)
         if nonfinite:
             plans = {k: _drop_rows(plan, bad) for k, plan in plans.items()}
-        # the flat buffer is allocated only now (the check above has consumed autograd's gradients), and each use's
-        # stored input and output gradient are freed as soon as the last of its parameters is written
-        flat = torch.zeros(self.numel, dtype=torch.float32, device=device) if out is None else out
+        # the flat buffer is allocated only now (the check above has consumed autograd's gradients) and uninitialized
+        # (every slice is overwritten below; on the CPU its pages become resident only as they are written), and each
+        # use's stored input and output gradient are freed as soon as the last of its parameters is written
+        flat = torch.empty(self.numel, dtype=torch.float32, device=device) if out is None else out
         pending: dict[int, int] = {}
         for uses in uses_of.values():
             for use in uses:
                 pending[id(use[3])] = pending.get(id(use[3]), 0) + 1
-        for p, off, n in zip(self.params, self._offsets, self._sizes):
+        for k in self._write_order:
+            p, off, n = self.params[k], self._offsets[k], self._sizes[k]
             _write(flat[off:off + n], p, plans.pop(id(p), None), coeffs, std, seed, off, accumulate=out is not None)
             for *_, use in uses_of.pop(id(p), ()):
                 pending[id(use)] -= 1
@@ -536,7 +583,7 @@ class BookKeepingDPSGD:
             flat = torch.zeros(self.numel, dtype=torch.float32, device=device) if out is None else out
         if std:
             for p, off, n in zip(self.params, self._offsets, self._sizes):
-                _write(flat[off:off + n], p, None, None, std, seed, off)
+                _write(flat[off:off + n], p, None, None, std, seed, off, accumulate=True)
         self.clear_grads()
         self.reset()
         if batch == 0:
@@ -612,12 +659,14 @@ class BookKeepingDPSGD:
 
 def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: float, seed: int | None, off: int,
            accumulate: bool = False) -> None:
-    """``out <- [out +] Σ_i coeffs_i ∇_i + std · ξ`` for one parameter (``out`` is its slice of the flat buffer,
-    zeroed unless ``accumulate``)."""
+    """``out <- [out +] Σ_i coeffs_i ∇_i + std · ξ`` for one parameter (``out`` is its slice of the flat buffer; not
+    read unless ``accumulate``; ``plan`` None: no example reached it, the sum is 0)."""
     if plan is not None and plan[0] != "embedding":
         src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
         clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate)
         return
+    if not accumulate:
+        out.zero_()
     if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
         _, ids, g, pad = plan
         g = g.float() * coeffs.view(-1, *([1] * (g.dim() - 1)))

@@ -133,7 +133,8 @@ class SeededDirections:
         if anchor is not None:
             if len(anchor) != len(self.params):
                 raise ValueError(f"the anchor has {len(anchor)} tensors for {len(self.params)} parameters")
-            expected = [p.shape if self.indices is None else i.shape for p, i in zip(self.params, self.indices or self.params)]
+            expected = [p.shape if self.indices is None else i.shape
+                        for p, i in zip(self.params, self.indices or self.params)]
             for k, (a, shape) in enumerate(zip(anchor, expected)):
                 if tuple(a.shape) != tuple(shape):
                     raise ValueError(f"anchor tensor {k} has shape {tuple(a.shape)}, expected {tuple(shape)}")
@@ -203,9 +204,14 @@ class SeededDirections:
         pass: ⌈(q + 1)/2⌉ passes in general), plus one pass over the trainable coordinates when ``prox > 0``.
         """
         seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
-        grads = [float(projected_grad)] if isinstance(projected_grad, (int, float)) else [float(g) for g in projected_grad]
+        if isinstance(projected_grad, (int, float)):
+            grads = [float(projected_grad)]
+        else:
+            grads = [float(g) for g in projected_grad]
         if len(seeds) != len(grads) or not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"need one projected gradient per distinct seed, got {len(seeds)} seeds, {len(grads)} values")
+            raise ValueError(
+                f"need one projected gradient per distinct seed, got {len(seeds)} seeds, {len(grads)} values"
+            )
         if prox < 0:
             raise ValueError(f"`prox` must be >= 0, got {prox}")
         if prox > 0 and self.anchor is None:
@@ -244,7 +250,9 @@ class SeededDirections:
 def clip_differences(loss_plus: Tensor, loss_minus: Tensor, zo_eps: float, clip: float) -> Tensor:
     """Per-example finite differences ``(ℓ⁺ − ℓ⁻)/(2λ)``, clipped to ``[−C, C]`` (computed in float64)."""
     if loss_plus.shape != loss_minus.shape or loss_plus.ndim != 1:
-        raise ValueError(f"per-example losses must both have shape [B], got {tuple(loss_plus.shape)} and {tuple(loss_minus.shape)}")
+        raise ValueError(
+            f"per-example losses must both have shape [B], got {tuple(loss_plus.shape)} and {tuple(loss_minus.shape)}"
+        )
     diffs = (loss_plus.detach().double() - loss_minus.detach().double()) / (2.0 * zo_eps)
     diffs = torch.nan_to_num(diffs, nan=0.0, posinf=clip, neginf=-clip)
     return diffs.clamp(-clip, clip)
@@ -383,10 +391,15 @@ def constant_input_objective(module: nn.Module, token_id: int = 1) -> Tensor:
         return out.double().sum()
     example = getattr(module, "example_input_array", None)
     if isinstance(example, Tensor):
-        x = torch.ones_like(example, device=device) if example.is_floating_point() else torch.full_like(example, int(token_id), device=device)
+        if example.is_floating_point():
+            x = torch.ones_like(example, device=device)
+        else:
+            x = torch.full_like(example, int(token_id), device=device)
         out = module(x)
         if not isinstance(out, Tensor):
-            raise ValueError(f"{type(module).__name__}(example_input_array) returned {type(out).__name__}, not a tensor")
+            raise ValueError(
+                f"{type(module).__name__}(example_input_array) returned {type(out).__name__}, not a tensor"
+            )
         return out.double().sum()
     raise ValueError(
         f"no constant input is known for {type(module).__name__}: it holds no Hugging Face model and has no "

@@ -11,21 +11,21 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_dp.errors import IncompatibleStrategyError
 from lightning_dp.mechanisms.chunks import split_batch, with_batch
 from lightning_dp.mechanisms.per_sample import per_sample_loss
-from lightning_dp.errors import IncompatibleStrategyError
 from lightning_dp.mechanisms.zo import (
     SeededDirections,
     ZOStepResult,
     clip_differences,
     privatize_projected_gradient,
 )
-from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
 from lightning_dp.preflight import optimizer_problems, raise_if_problems
+from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
 
 __all__ = ["DPZeroStrategy", "ZOPlan"]
 
@@ -476,7 +476,9 @@ class ZOPlan(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and not isinstance(trainer.strategy, DPZeroStrategy):
-            raise IncompatibleStrategyError(f"{type(self).__name__} works with DPZeroStrategy, got {type(trainer.strategy).__name__}")
+            raise IncompatibleStrategyError(
+                f"{type(self).__name__} works with DPZeroStrategy, got {type(trainer.strategy).__name__}"
+            )
 
     def zo_setup(self, strategy: DPZeroStrategy, trainer: Any, resumed: bool) -> None:
         """Validate the configuration and set up the initial state."""

@@ -2,14 +2,14 @@
 of 64 tokens, width 256): first with ``max_physical_batch_size=M``, then with ``None``. Used by
 tests/test_physical_batch.py.
 
-``ru_maxrss`` is a process-lifetime maximum, so the chunked fit runs first: the second number is the larger of the
-two peaks, and a chunked fit that needed as much memory as the unchunked one would show as equal numbers.
+Each peak is the process's resident high-water mark (``VmHWM``), reset before each fit (``/proc/self/clear_refs``).
+Not ``ru_maxrss``: across ``fork`` + ``exec`` Linux carries the parent's high-water mark into the child's, so under
+a large pytest process it would report the parent's size.
 
     python physical_batch_memory.py {bk,ghost,dpzero} M B
 """
 
 import os
-import resource
 import sys
 import warnings
 
@@ -51,6 +51,17 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_high_water_mark() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def high_water_mark_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB
+
+
 def main() -> None:
     method, m, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(2)
@@ -73,11 +84,12 @@ def main() -> None:
             trainer.fit(model, DataLoader(data, batch_size=batch_size))
 
     fit(4, m)  # warm-up: what any fit allocates (lazy imports, thread pools) is not the batch's memory
-    base = rss_mib()
     peaks = []
     for max_physical_batch_size in (m, None):
+        base = rss_mib()
+        reset_high_water_mark()
         fit(batch, max_physical_batch_size)
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)  # KiB on Linux
+        peaks.append(high_water_mark_mib() - base)
     print(*peaks)
 
 

@@ -6,16 +6,13 @@
         --model.lr 2e-4                                # real weights (internet, or a local path)
     python examples/e2e_gpt2_dpsgd.py --ckpt_path last # resume from checkpoints/e2e_gpt2_dpsgd/last.ckpt
 
-Data: ``--data.data_dir`` (default ``../shared/data`` beside the repository) holds ``e2e/devset.csv`` and
-``e2e/testset_w_refs.csv`` (header ``mr,ref``) and the GPT-2 tokenizer ``tokenizers/gpt2``. The official E2E training
-set is not there, so the model trains on the dev set (4,672 rows) and is evaluated on the test set (``test_size``
-rows). Each example is ``"<mr> || <ref><|endoftext|>"``; its loss is the mean token cross-entropy over the reference
-tokens and the end-of-text token (the meaning representation is the prompt); ``DataCollatorForSeq2Seq`` pads the
-tokens with EOS and the labels with -100. Test perplexity: ``torchmetrics.text.Perplexity`` over the same tokens.
-
-Without ``model.model_name`` the LM is built from a ``GPT2Config`` (random weights) with untied input and output
-embeddings (``model.tie`` ties them as GPT-2 does; DP-SGD then instantiates the per-example gradient of the tied
-``[V, d]`` matrix, ``B × V × d`` floats per step).
+Data: ``--data.data_dir`` (default ``../shared/data``) holds ``e2e/devset.csv``, ``e2e/testset_w_refs.csv`` and the
+GPT-2 tokenizer ``tokenizers/gpt2``. The model trains on the dev set (the official training set is not there) and is
+evaluated on the test set. Each example is ``"<mr> || <ref><|endoftext|>"``; its loss
+(``lightning_dp.losses.causal_lm``) averages the token cross-entropy over its own reference and end-of-text tokens
+(the meaning representation is the prompt, labelled -100). Without ``model.model_name`` the LM is a GPT-2 from a
+config with untied embeddings (``model.tie`` ties them; DP-SGD then holds a ``B × V × d`` per-example gradient of
+the tied matrix).
 """
 
 from __future__ import annotations
@@ -26,10 +23,11 @@ import time
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from glue_common import DEFAULT_DATA, ExampleCLI, make_cli
 from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
+
+from lightning_dp import losses
 
 IGNORE = -100
 
@@ -142,11 +140,8 @@ class E2ELM(L.LightningModule):
         return logits[:, :-1].float(), batch["labels"][:, 1:]
 
     def training_step(self, batch, batch_idx):
-        logits, target = self.shifted(batch)
-        tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-        keep = (target != IGNORE).float()
-        per_example = (tok * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # the DP contract: one loss per sequence
-        return {"loss": per_example.mean(), "per_sample_loss": per_example}
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return losses.causal_lm(out.logits, batch["labels"], ignore_index=IGNORE)  # one loss per sequence
 
     def validation_step(self, batch, batch_idx):
         self.test_ppl.update(*self.shifted(batch))

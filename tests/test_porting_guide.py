@@ -147,3 +147,30 @@ def test_bert_classifier_with_dpzero():
 def test_gpt2_causal_lm_with_dpsgd():
     torch.manual_seed(0)
     check_private_training(HFModule(gpt2_lm()), "causal_lm", DPSGDStrategy(eps=8, accountant="rdp"))
+
+
+def test_bert_classifier_with_federated_dp_lora():
+    """The same ported module under the federated strategy: the strategy injects the LoRA adapters (the module is
+    unchanged), only they (and the classifier head, as peft's `modules_to_save`) train; the base stays frozen."""
+    from peft import LoraConfig
+
+    from lightning_dp import DPLoRAFederatedStrategy
+
+    module = HFModule(bert_classifier())
+    base = {n: p.detach().clone() for n, p in module.named_parameters()}
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["query", "value"], modules_to_save=["classifier"])
+    strategy = DPLoRAFederatedStrategy(eps=8, accountant="rdp", clients=2, rounds=2, lora=lora)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tempfile.mkdtemp(prefix="ldp-"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=TokensDataModule("classification"))
+    report = strategy.privacy_report()
+    assert 0 < report["epsilon"] <= 8 and math.isfinite(report["epsilon"])
+    after = dict(module.named_parameters())
+    lora_b = [p for n, p in after.items() if "lora_B" in n]  # peft starts every B factor at exactly 0
+    assert lora_b and all(p.detach().abs().sum() > 0 for p in lora_b), "the adapters did not train"
+    for name, before in base.items():  # the base model never moves
+        if name in after and not after[name].requires_grad:
+            assert torch.equal(before, after[name].detach()), name

@@ -37,7 +37,7 @@ from torch.utils.data import (
 )
 
 from lightning_dp.errors import UnsafeSettingError
-from lightning_dp.mechanisms.buffers import BufferSnapshot, data_dependent_buffer_modules, describe_buffer_modules
+from lightning_dp.mechanisms.buffers import BufferSnapshot
 from lightning_dp.mechanisms.collective import Collective, default_collective
 from lightning_dp.mechanisms.noise import GaussianNoise
 from lightning_dp.mechanisms.per_sample import PerSampleLossError
@@ -242,13 +242,8 @@ class DPStrategyBase(DDPStrategy):
         name = type(self).__name__
         # every problem of the module in one error, before anything is built or run (lightning_dp.validate; a
         # deterministic check, so every rank raises the same); the optimizers are checked in setup_mechanism
+        # (manual optimization, layers that mix examples, running statistics, ...: see lightning_dp.preflight)
         raise_if_problems(module_problems(trainer.lightning_module, self), name)
-        if not trainer.lightning_module.automatic_optimization:
-            raise UnsafeSettingError(
-                f"{name} owns the optimization step: manual optimization (`automatic_optimization = False`) would "
-                "let `training_step` step the optimizer itself, outside the privacy mechanism. Use automatic "
-                "optimization and return per-example losses from `training_step`."
-            )
         if trainer.accumulate_grad_batches != 1:
             raise UnsafeSettingError(
                 f"`accumulate_grad_batches={trainer.accumulate_grad_batches}` is not supported by {name}: each "
@@ -276,18 +271,6 @@ class DPStrategyBase(DDPStrategy):
             raise UnsafeSettingError(
                 f"`precision='16-mixed'` uses a GradScaler, which scales per-example losses before clipping; "
                 f"{name} supports `precision='32-true'` and `'bf16-mixed'`."
-            )
-
-    def _refuse_data_dependent_buffers(self, module: torch.nn.Module, why: str) -> None:
-        """Normalization layers that keep running statistics of the training data (BatchNorm, InstanceNorm with
-        ``track_running_stats``) write an un-noised statistic of each batch into the saved model."""
-        found = data_dependent_buffer_modules(module, train_mode_only=False)
-        if found:
-            raise UnsafeSettingError(
-                f"{type(self).__name__}: {describe_buffer_modules(found)} update running statistics (buffers saved "
-                f"with the model) from the training data, which no mechanism privatizes ({why}). Replace them "
-                "(BatchNorm -> GroupNorm/LayerNorm, e.g. `opacus.validators.ModuleValidator.fix(model)`) or pass "
-                "`track_running_stats=False`."
             )
 
     def _check_step_invariants(self, trainer: Any) -> None:

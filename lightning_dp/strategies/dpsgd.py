@@ -159,7 +159,6 @@ class DPSGDStrategy(DPStrategyBase):
     def setup_mechanism(self, trainer: Any) -> None:
         self.nonfinite_examples = 0
         self._build_mechanism()
-        self._refuse_data_dependent_buffers(self.lightning_module, "DP-SGD runs the forward in train mode")
 
     def _build_mechanism(self) -> None:
         """Hooks and flat buffer over exactly the parameters that require grad now; verified on the next step."""

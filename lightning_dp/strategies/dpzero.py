@@ -169,10 +169,6 @@ class DPZeroStrategy(DPStrategyBase):
         if len(self.optimizers) != 1:
             raise UnsafeSettingError(f"DPZeroStrategy needs exactly one optimizer, got {len(self.optimizers)}")
         optimizer = self.optimizers[0]
-        if self.dropout == "same":
-            self._refuse_data_dependent_buffers(
-                self.lightning_module, "dropout='same' runs the probes in train mode"
-            )
         self._build_directions(optimizer)
         self._setup_plans(trainer)
         if self.zo_schedule == "auto":

@@ -376,7 +376,6 @@ class DPLoRAFederatedStrategy(DPStrategyBase):
                 "number of clients (so all ranks reach each round's all-reduce together)"
             )
         self._check_resumed_settings()
-        self._refuse_data_dependent_buffers(module, "each client's statistics would be neither federated nor noised")
         self.schedule = RoundSchedule(self.num_clients // world, self.local_steps, self.global_rank)
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not trainable:

@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    CACHING_MALLOC_ENV,
     EXACT_MALLOC_ENV,
     MiB,
     PeakMemory,
@@ -252,6 +253,24 @@ def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock
     return {"times": times, "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
 
 
+def measure_interleaved(names: list[str], model, batch, device, args) -> dict:
+    """``--timing interleaved``: every variant on its own copy of the model, in one process, one step of each in
+    turn (the first steps, the checked one of ours included, are the warm-up): all variants see the same machine
+    conditions, so the per-step ratios survive load from other processes."""
+    import copy
+
+    steps = {v: STEPS[v](copy.deepcopy(model), batch, device, args.optimizer) for v in names}
+    tick = time.process_time if args.clock == "cpu" else (lambda: now(device))
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for t in range(args.warmup + args.repeats):
+        for v, step in steps.items():
+            start = tick()
+            step(t)
+            if t >= args.warmup:
+                times[v].append(tick() - start)
+    return {"times_by_variant": times}
+
+
 def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -271,7 +290,9 @@ def child_main(args) -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
-        if args.trainer:
+        if args.variant.startswith("interleaved:"):
+            out = measure_interleaved(args.variant.split(":", 1)[1].split(","), model, batch, device, args)
+        elif args.trainer:
             if args.variant not in TRAINER_VARIANTS or args.memory_window != "run":
                 raise ValueError(f"--trainer runs {TRAINER_VARIANTS} with --memory-window run")
             out = fit_measure(model, batch, device, args.variant, args.optimizer, args.warmup, args.repeats,
@@ -301,6 +322,12 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--trainer", action="store_true",
                    help=f"run the steps through Trainer.fit (variants {', '.join(TRAINER_VARIANTS)})")
+    p.add_argument("--timing", choices=["separate", "interleaved"], default="separate",
+                   help="separate: each variant timed in its own process; interleaved: all variants in one process "
+                        "(each on its own model copy), one step of each in turn, ratios of the same moment")
+    p.add_argument("--malloc", choices=["default", "caching"], default="default",
+                   help="CPU timing children: glibc's defaults, or glibc keeping freed memory for reuse as a caching "
+                        "allocator does (benchmarks/_common.py CACHING_MALLOC_ENV; memory is measured as always)")
     p.add_argument("--memory-window", choices=["run", "steady"], default="run",
                    help="run: peak over the whole run from the first step; steady: over --mem-steps steps after the "
                         "warm-up and timed steps")
@@ -323,18 +350,30 @@ def main(argv=None) -> None:
     script = os.path.abspath(__file__)
     load_before = load_average()
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+    interleaved = args.timing == "interleaved"
+    timing_env = CACHING_MALLOC_ENV if args.malloc == "caching" and args.device == "cpu" else None
+    if interleaved and args.trainer:
+        raise SystemExit("--timing interleaved times the bare steps; --trainer runs one fit per variant")
     for r in range(args.rounds):  # round-robin, so a burst of load from elsewhere hits all variants alike
+        together = {}
+        if interleaved:
+            res = run_child(script, [*forwarded, f"--variant=interleaved:{','.join(variants)}", "--mem-steps=0"],
+                            env=timing_env)
+            if "failed" in res:
+                raise SystemExit(f"interleaved timing failed: {res['failed']}")
+            together = res["times_by_variant"]
         for v in variants:
             t0 = time.time()
             # time in one process, memory in another started with EXACT_MALLOC_ENV (RSS follows the live memory;
             # that allocator setting slows allocation down, so it must not be on while timing)
             try:
-                res = run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"])
+                res = ({"variant": v, "times": together[v]} if interleaved
+                       else run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"], env=timing_env))
                 if "failed" not in res:
                     mem = run_child(script, [*forwarded, f"--variant={v}", "--repeats=0",
                                              f"--mem-steps={args.mem_steps}"],
                                     env=EXACT_MALLOC_ENV if args.device == "cpu" else None)
-                    res = mem if "failed" in mem else {**res, **{k: mem[k] for k in mem if k != "times"}}
+                    res = mem if "failed" in mem else {**mem, **res}
             except Exception as err:  # noqa: BLE001 - the child crashed outright (e.g. killed for memory)
                 res = {"variant": v, "failed": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
             runs[v].append(res)
@@ -366,7 +405,8 @@ def main(argv=None) -> None:
     )
     print(
         f"time ({'process CPU time' if args.clock == 'cpu' else 'wall clock'}): {args.rounds} round(s) x "
-        f"{args.repeats} steps after {args.warmup} warmup, ratios on the median step; "
+        f"{args.repeats} steps after {args.warmup} warmup ({args.timing}"
+        f"{', caching malloc' if timing_env else ''}), ratios on the median step; "
         f"memory: peak growth over the resident model + batch ({ref['memory_method']})"
     )
     busy = args.device == "cpu" and load_before > 0.5
@@ -383,6 +423,13 @@ def main(argv=None) -> None:
             continue
         print(f"{v:<14}{r['median_s']:>14.3f}{r['min_s']:>8.3f}{r['median_s'] / ref_time:>14.2f}x"
               f"{r['peak_growth_bytes'] / MiB:>14.1f}{r['peak_growth_bytes'] / max(ref_mem, 1):>14.2f}x")
+    if interleaved:
+        same = {v: statistics.median(a / b for run, ref_run in zip(runs[v], runs["non-private"])
+                                     for a, b in zip(run["times"], ref_run["times"]))
+                for v in variants if "failed" not in summary[v]}
+        summary["same_moment_ratios"] = same
+        print(f"\nsame moment (one process, one step of each in turn; median of the per-step ratios over "
+              f"{args.rounds * args.repeats} steps): " + ", ".join(f"{v} {x:.3f}x" for v, x in same.items()))
     print("\ntarget: DP-SGD <= 1.15x non-private time and <= 1.10x non-private memory")
     if args.json:
         with open(args.json, "w") as f:

@@ -135,7 +135,12 @@ def _reference(
     offset: int,
     accumulate: bool,
 ) -> None:
-    beta = 1.0 if accumulate else 0.0
+    noise_first = bool(noise_std) and not accumulate
+    if noise_first:
+        # the noise is drawn straight into `out` (the same values as `noise_std * randn` of that generator: no
+        # temporary, one pass fewer), and the clipped sum is then added to it
+        out.normal_(0.0, noise_std, generator=_generator(out.device, seed, offset))
+    beta = 1.0 if accumulate or noise_first else 0.0
     if grads is not None:
         # out <- beta * out + coeffs @ grads, in one GEMV (no temporary of the sum)
         torch.addmv(out, grads.float().t(), coeffs, beta=beta, out=out)
@@ -151,10 +156,17 @@ def _reference(
             a = a.float()
             g = g.float() * scale
         torch.addmm(out.view(p, d), g.reshape(-1, p).t(), a.reshape(-1, d), beta=beta, out=out.view(p, d))
-    if noise_std:
-        gen = torch.Generator(device=out.device)
-        gen.manual_seed(mix_seed(seed, offset))
-        out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=noise_std)
+    if noise_std and not noise_first:
+        out.add_(torch.randn(out.numel(), generator=_generator(out.device, seed, offset), device=out.device),
+                 alpha=noise_std)
+
+
+def _generator(device: torch.device, seed: int | None, offset: int) -> torch.Generator:
+    """The reference noise stream of the slice at ``offset``: a private generator seeded with
+    ``mix_seed(seed, offset)``, standard normals drawn in order."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mix_seed(seed, offset))
+    return gen
 
 
 def _triton(

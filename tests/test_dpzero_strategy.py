@@ -190,6 +190,25 @@ def test_dropout_off_by_default():
     assert model.training  # restored after the probes
 
 
+class _FrozenPartInEval(_DropoutProbe):
+    """A user who keeps one submodule in eval mode (e.g. a frozen encoder with dropout or running statistics)."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.net[2].eval()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.after.append((self.training, self.net[0].training, self.net[2].training))
+
+
+def test_probes_restore_each_submodule_mode():
+    model = _FrozenPartInEval()
+    model.after = []
+    fit(model, DPZeroStrategy(noise_multiplier=1.0, num_directions=2), max_steps=2)
+    assert model.modes == [False] * 8  # every probe in eval mode (dropout off)
+    # after the step, the module is back in train mode but the submodule the user put in eval stays there
+    assert model.after == [(True, True, False)] * 2
+
+
 def test_dropout_same_masks_in_both_probes():
     model = _DropoutProbe()
     fit(model, DPZeroStrategy(noise_multiplier=1.0, dropout="same"), max_steps=3)

@@ -165,3 +165,19 @@ def test_multinode_command_configures_the_trainer(data, workdir):
     assert config["trainer"]["accelerator"] == "gpu"
     assert config["trainer"]["strategy"]["class_path"] == "lightning_dp.DPZeroStrategy"
     assert config["trainer"]["strategy"]["init_args"]["eps"] == 8.0
+
+
+@needs_minilm
+def test_trainer_overhead_benchmark_runs_the_main_example(data, workdir):
+    """``benchmarks/trainer_overhead.py`` runs the README example's config and prints both step times and their
+    ratio, and Lightning's own floor, in one run (here at a tiny size)."""
+    env = {**os.environ, "LIGHTNING_DP_CACHE": str(workdir / "cache")}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "trainer_overhead.py"), "--steps", "8",
+                           "--warmup", "2", "--data-dir", str(data), "--", "--data.batch_size=4",
+                           "--trainer.enable_progress_bar=false"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    ratio = re.search(r"Trainer / bare\s+([\d.]+)x", out)
+    assert ratio and float(ratio.group(1)) > 0, out[-2000:]
+    assert re.search(r"Lightning's own floor\s+[\d.]+ ms", out), out[-2000:]

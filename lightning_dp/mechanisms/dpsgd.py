@@ -665,7 +665,13 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
         clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate)
         return
-    if not accumulate:
+    gen = None
+    if std:
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(mix_seed(seed, off))
+    if not accumulate and std:  # the noise straight into `out` (no temporary); the clipped sum is added to it
+        out.normal_(0.0, std, generator=gen)
+    elif not accumulate:
         out.zero_()
     if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
         _, ids, g, pad = plan
@@ -673,9 +679,7 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         if pad is not None:
             g = g * (ids != pad).unsqueeze(-1)
         out.view(p.shape).index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
-    if std:
-        gen = torch.Generator(device=out.device)
-        gen.manual_seed(mix_seed(seed, off))
+    if std and accumulate:
         out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
@@ -291,7 +292,7 @@ class DPZeroStrategy(DPStrategyBase):
         probes = [(self._probe_fn(*with_batch(args, kwargs, chunk)), n) for chunk, n in chunks]
         losses = []  # per direction: (ℓ⁺, ℓ⁻) over the whole batch, in chunk order
         first = None
-        with torch.no_grad():
+        with torch.no_grad(), self._probe_mode():
             # an empty shard still makes the same passes, so parameters stay bit-identical across ranks
             for seed in seeds:
                 pair = []
@@ -319,25 +320,31 @@ class DPZeroStrategy(DPStrategyBase):
         result["loss"] = torch.stack(means).mean()
         return result
 
+    @contextmanager
+    def _probe_mode(self) -> Iterator[None]:
+        """The module's mode during all probes of one step: ``eval()`` with ``dropout="off"`` (set once per step,
+        not per probe), and afterwards every submodule back in its own mode (a submodule the user keeps in eval
+        mode stays there); unchanged with ``dropout="same"``."""
+        if self.dropout != "off":
+            yield
+            return
+        modes = [(m, m.training) for m in self.lightning_module.modules()]
+        self.lightning_module.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
     def _probe_fn(self, args: tuple, kwargs: dict) -> Callable[[], Any]:
-        """A callable that runs the user's ``training_step`` once (own autocast region), with dropout handled.
+        """A callable that runs the user's ``training_step`` once (own autocast region), inside
+        :meth:`_probe_mode`.
 
         ``dropout="same"``: the RNG state is saved at the first call (the chunk's first probe) and replayed at every
         call, so all probes of one chunk (±λ, every direction) see the same dropout masks."""
-        module = self.lightning_module
         run = super().training_step  # Lightning's: own precision/autocast context, then the user's training_step
-
         if self.dropout == "off":
-
-            def probe() -> Any:
-                was_training = module.training
-                module.eval()
-                try:
-                    return run(*args, **kwargs)
-                finally:
-                    module.train(was_training)
-
-            return probe
+            return lambda: run(*args, **kwargs)
 
         device = self.root_device
         saved: tuple[Tensor, Tensor | None] | None = None

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,31 @@ def per_example_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def trainable_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def mezo_step(params: list[torch.Tensor], loss: Callable[[], torch.Tensor], seed: int, zo_eps: float,
+              lr: float) -> None:
+    """One step of MeZO's own ``zo_step`` + ``zo_update`` (princeton-nlp/MeZO large_models/trainer.py, weight decay
+    0): global ``torch.manual_seed(seed)``, ``torch.normal`` per tensor, out-of-place ``p.data = p.data + ...``;
+    passes +1, -2, +1 (restore), update. ``loss()`` is the batch's mean loss; run it under ``no_grad`` /
+    ``inference_mode``."""
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * zo_eps
+
+    perturb(1)
+    loss1 = loss()
+    perturb(-2)
+    loss2 = loss()
+    projected_grad = ((loss1 - loss2) / (2 * zo_eps)).item()
+    perturb(1)
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data - lr * (projected_grad * z)
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -165,8 +165,7 @@ def main(argv=None) -> None:
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 end = time.perf_counter()
                 step = trainer.global_step  # (batch_idx restarts every epoch)
-                profiling = profiler is not None and args.warmup < step <= args.warmup + args.profile_steps
-                if profiling:
+                if profiler is not None:
                     profiler.disable()  # the profile holds Trainer steps only, never the bare ones
                 if self.bare is None:
                     self.bare = bare_step(copy.deepcopy(pl_module), trainer.strategy)

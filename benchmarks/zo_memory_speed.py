@@ -69,6 +69,7 @@ from _common import (  # noqa: E402
     step_model,
     trainable_params,
 )
+from _common import mezo_step as reference_mezo_step  # noqa: E402
 
 VARIANTS = ("inference", "dpzero", "dpzero-2pass", "mezo", "trainer")
 PASSES = {"inference": 0, "dpzero": 3, "dpzero-2pass": 2, "mezo": 4, "trainer": 2}
@@ -118,28 +119,13 @@ def dpzero_step(model, batch, device, two_pass: bool):
 
 
 def mezo_step(model, batch, device):
-    """MeZO's ``zo_step`` + ``zo_update`` (large_models/trainer.py), weight decay 0."""
+    """MeZO's ``zo_step`` + ``zo_update`` (large_models/trainer.py), weight decay 0: :func:`_common.mezo_step`."""
     params = trainable_params(model)
 
-    def perturb(seed: int, scale: float) -> None:
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data + scale * z * ZO_EPS
-
     def step(t: int) -> None:
-        seed = 1_000_003 * (t + 1)
         with torch.no_grad():
-            perturb(seed, 1)
-            loss1 = per_example_loss(model, batch).mean()
-            perturb(seed, -2)
-            loss2 = per_example_loss(model, batch).mean()
-            projected_grad = ((loss1 - loss2) / (2 * ZO_EPS)).item()
-            perturb(seed, 1)
-            torch.manual_seed(seed)
-            for p in params:
-                z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-                p.data = p.data - LR * (projected_grad * z)
+            reference_mezo_step(params, lambda: per_example_loss(model, batch).mean(), 1_000_003 * (t + 1), ZO_EPS,
+                                LR)
 
     return step
 

@@ -68,8 +68,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from custom_kernels.clip_noise import clip_and_noise_, clip_coefficients, factor_sq_norms, gram, uses_gram
-from custom_kernels.zo_perturb import mix_seed
+from custom_kernels.clip_noise import (
+    clip_and_noise_,
+    clip_coefficients,
+    factor_sq_norms,
+    gram,
+    noise_generator,
+    uses_gram,
+)
 from lightning_dp.errors import UnsupportedLayerError
 from lightning_dp.mechanisms.collective import Collective
 
@@ -665,14 +671,12 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
         clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate)
         return
-    gen = None
-    if std:
-        gen = torch.Generator(device=out.device)
-        gen.manual_seed(mix_seed(seed, off))
-    if not accumulate and std:  # the noise straight into `out` (no temporary); the clipped sum is added to it
-        out.normal_(0.0, std, generator=gen)
-    elif not accumulate:
-        out.zero_()
+    gen = noise_generator(out.device, seed, off) if std else None
+    if not accumulate:  # the noise (or 0) straight into `out`, no temporary; the clipped sum is added to it
+        if std:
+            out.normal_(0.0, std, generator=gen)
+        else:
+            out.zero_()
     if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
         _, ids, g, pad = plan
         g = g.float() * coeffs.view(-1, *([1] * (g.dim() - 1)))

@@ -136,6 +136,8 @@ def main(argv=None) -> None:
     import lightning.pytorch as L
     from glue_common import make_cli
 
+    from lightning_dp.privacy import is_empty_batch
+
     flags = [f"--trainer.max_steps={args.steps}", "--trainer.val_check_interval=100000",
              "--trainer.limit_val_batches=0"]
     flags += args.flags
@@ -169,7 +171,8 @@ def main(argv=None) -> None:
                     profiler.disable()  # the profile holds Trainer steps only, never the bare ones
                 if self.bare is None:
                     self.bare = bare_step(copy.deepcopy(pl_module), trainer.strategy)
-                if self.resumed is not None and step > args.warmup:
+                if self.resumed is not None and step > args.warmup and not is_empty_batch(batch):
+                    # (a step whose Poisson batch is empty is noise only: not a step of the mechanism to compare)
                     times["trainer"].append(end - self.resumed)
                     start = time.perf_counter()
                     self.bare(step, batch, trainer.optimizers[0].param_groups[0]["lr"])
@@ -186,6 +189,8 @@ def main(argv=None) -> None:
         floor = lightning_floor(data, args.steps, args.warmup, root)
     load_after = load_average()
 
+    if not times["bare"]:
+        raise SystemExit("no non-empty batch was timed: raise --steps or the batch size")
     ratios = [a / b for a, b in zip(times["trainer"], times["bare"])]
     result = {
         "steps_timed": len(ratios),

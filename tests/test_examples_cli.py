@@ -173,7 +173,7 @@ def test_trainer_overhead_benchmark_runs_the_main_example(data, workdir):
     ratio, and Lightning's own floor, in one run (here at a tiny size)."""
     env = {**os.environ, "LIGHTNING_DP_CACHE": str(workdir / "cache")}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "trainer_overhead.py"), "--steps", "8",
-                           "--warmup", "2", "--data-dir", str(data), "--", "--data.batch_size=4",
+                           "--warmup", "2", "--data-dir", str(data), "--", "--data.batch_size=16",
                            "--trainer.enable_progress_bar=false"],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr

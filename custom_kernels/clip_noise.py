@@ -76,10 +76,23 @@ def per_example_sq_norms(grads: Tensor) -> Tensor:
     return torch.linalg.vector_norm(flat, ord=2, dim=1, dtype=torch.float32).square()
 
 
-def gram(x: Tensor) -> Tensor:
-    """Per-example Gram matrix ``x_i x_iᵀ`` of ``x`` ``[B, T, d]``, fp32 ``[B, T, T]``."""
+def gram(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example Gram matrix ``x_i x_iᵀ`` of ``x`` ``[B, T, d]`` (fp32), as its three distinct blocks.
+
+    With ``x = [x₁; x₂]`` split along ``T`` at ``h = T // 2``: ``(x₁x₁ᵀ, x₂x₁ᵀ, x₂x₂ᵀ)``, of shapes ``[B, h, h]``,
+    ``[B, T-h, h]``, ``[B, T-h, T-h]``. The fourth block ``x₁x₂ᵀ`` is the transpose of the second and is not formed:
+    three quarters of the full product's multiply-adds. Read it with :func:`gram_dot`.
+    """
     x = x.float()
-    return torch.bmm(x, x.transpose(1, 2))
+    h = x.shape[1] // 2
+    x1, x2 = x[:, :h], x[:, h:]
+    return torch.bmm(x1, x1.transpose(1, 2)), torch.bmm(x2, x1.transpose(1, 2)), torch.bmm(x2, x2.transpose(1, 2))
+
+
+def gram_dot(u: tuple[Tensor, Tensor, Tensor], v: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """``Σ_{s,t} U_st V_st`` per example (fp32 ``[B]``) of two Gram matrices in :func:`gram`'s blocks (symmetric:
+    the off-diagonal block counts twice)."""
+    return (u[0] * v[0]).sum((1, 2)) + 2 * (u[1] * v[1]).sum((1, 2)) + (u[2] * v[2]).sum((1, 2))
 
 
 def uses_gram(t: int, d: int, p: int) -> bool:
@@ -87,7 +100,7 @@ def uses_gram(t: int, d: int, p: int) -> bool:
     return t * t <= p * d
 
 
-def factor_sq_norms(a: Tensor, g: Tensor, *, a_gram: Tensor | None = None, g_gram: Tensor | None = None) -> Tensor:
+def factor_sq_norms(a: Tensor, g: Tensor, *, a_gram: tuple | None = None, g_gram: tuple | None = None) -> Tensor:
     """``||g_i^T a_i||_F^2`` per example, as fp32 ``[B]``, for a linear layer's per-example weight gradient.
 
     ``a`` are the layer's inputs ``[B, T, d]`` (or ``[B, d]``), ``g`` the gradients of its outputs ``[B, T, p]`` (or
@@ -95,9 +108,9 @@ def factor_sq_norms(a: Tensor, g: Tensor, *, a_gram: Tensor | None = None, g_gra
     ``Σ_{s,t} (a_s · a_t)(g_s · g_t)`` when ``T^2 <= p d`` (memory ``O(B T^2)``) and the explicit per-example
     gradient otherwise (memory ``O(B p d)``), whichever is smaller. Math in fp32.
 
-    ``a_gram`` / ``g_gram``: the per-example Gram matrix ``x xᵀ`` (fp32 ``[B, T, T]``) of ``a`` / ``g`` when the
-    caller already has it (layers that share an input, e.g. an attention block's query, key and value
-    projections, need its Gram matrix once); only used on the Gram branch. See :func:`gram`.
+    ``a_gram`` / ``g_gram``: :func:`gram` of ``a`` / ``g`` when the caller already has it (layers that share an
+    input, e.g. an attention block's query, key and value projections, need its Gram matrix once); only used on
+    the Gram branch.
     """
     _check_float("a", a)
     _check_float("g", g)
@@ -108,7 +121,7 @@ def factor_sq_norms(a: Tensor, g: Tensor, *, a_gram: Tensor | None = None, g_gra
         return a.square().sum(1) * g.square().sum(1)
     t, d, p = a.shape[1], a.shape[2], g.shape[2]
     if uses_gram(t, d, p):
-        return ((gram(a) if a_gram is None else a_gram) * (gram(g) if g_gram is None else g_gram)).sum((1, 2))
+        return gram_dot(gram(a) if a_gram is None else a_gram, gram(g) if g_gram is None else g_gram)
     return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
 
 

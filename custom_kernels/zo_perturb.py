@@ -242,7 +242,9 @@ def _perturb_reference(
         first_block = offsets[k] // BLOCK
         for j, start in enumerate(range(0, count, BLOCK)):
             tasks.append((t, index, start, min(BLOCK, count - start), first_block + j, scales[k], scale2, decay))
-    workers = min(max(1, torch.get_num_threads()), len(tasks))
+    # a worker per block of work at most: below that, handing tasks to threads costs more than it saves
+    work = sum(task[3] for task in tasks)
+    workers = min(max(1, torch.get_num_threads()), len(tasks), -(-work // BLOCK))
     if workers <= 1:
         for task in tasks:
             _update_block(task, seed, seed2)

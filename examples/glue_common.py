@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchmetrics.classification import MulticlassAccuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,6 +284,20 @@ class Features(Dataset):
     def __getitem__(self, i):
         return {"features": self.features[i], "labels": self.labels[i]}
 
+    def __getitems__(self, indices: list[int]):
+        """A whole batch in one indexing (the DataLoader's batched fetch; :func:`collate_features` passes it on):
+        the same batch as ``default_collate`` of the rows, without a dict and two tensors per example. No index:
+        an empty list (Poisson sampling's empty batch)."""
+        if not indices:
+            return []
+        idx = torch.as_tensor(indices)
+        return {"features": self.features[idx], "labels": self.labels[idx]}
+
+
+def collate_features(samples):
+    """The collate function of :class:`Features`: its batched fetch is already a batch."""
+    return samples if isinstance(samples, dict) else default_collate(samples)
+
 
 class Tokenized(Dataset):
     """Rows of (sentence, label) tokenized once, unpadded (``PadPairs`` pads each batch). Rows of (text_a, text_b,
@@ -376,6 +390,7 @@ class GlueData(L.LightningDataModule):
                                      self.feature_cache, f"{self.model_name}:{self.task}") for rows in self.rows()]
             self.train_set = Features(feats[0], [r[-1] for r in train_rows])
             self.dev_set = Features(feats[1], [r[-1] for r in dev_rows])
+            self.collate_fn = collate_features
         else:
             self.train_set = Tokenized(train_rows, tokenizer, self.max_length)
             self.dev_set = Tokenized(dev_rows, tokenizer, self.max_length)

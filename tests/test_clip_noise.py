@@ -38,7 +38,8 @@ def test_per_example_sq_norms(dtype):
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 40, 50), (4, 30, 3, 2), (4, None, 40, 50)])  # Gram, explicit, 2-D
+# Gram (T odd, even, 1: the blocks of `gram` split T at T // 2), explicit, 2-D
+@pytest.mark.parametrize("shape", [(4, 3, 40, 50), (4, 8, 40, 50), (4, 1, 40, 50), (4, 30, 3, 2), (4, None, 40, 50)])
 def test_factor_sq_norms_match_explicit_per_example_gradients(shape):
     b, t, d, p = shape
     a = torch.randn(b, d) if t is None else torch.randn(b, t, d)

@@ -23,8 +23,35 @@ def test_inclusion_rate_is_q_and_independent():
     assert 10 < counts.var().item() < 22
 
 
+def test_neighbours_and_ends_are_included_independently():
+    """The sample is drawn as geometric gaps: the first and last example join with probability q, and two
+    neighbours together with q² (a gap that could not be 1, or an off-by-one at either end, fails this)."""
+    n, q, steps = 40, 0.3, 4000
+    sampler = PoissonBatchSampler(n, q, steps, seed=2)
+    joined = torch.zeros(steps, n, dtype=torch.bool)
+    for t in range(steps):
+        joined[t, sampler.global_indices(t)] = True
+    rate = joined.double().mean(0)  # per example: std ≈ sqrt(q(1-q)/steps) ≈ 7.2e-3
+    assert (rate - q).abs().max() < 0.035 and abs(rate[0] - q) < 0.025 and abs(rate[-1] - q) < 0.025
+    both = (joined[:, :-1] & joined[:, 1:]).double().mean()  # 156k pairs, mean q² = 0.09
+    assert abs(both.item() - q * q) < 0.006
+    apart = (joined[:, :-2] & joined[:, 2:]).double().mean()
+    assert abs(apart.item() - q * q) < 0.006
+
+
+def test_the_sample_does_not_depend_on_how_many_gaps_are_drawn_at_once(monkeypatch):
+    from lightning_dp.privacy import sampling
+
+    sampler = PoissonBatchSampler(1000, 0.05, 1, seed=9)
+    expected = [sampler.global_indices(t) for t in range(20)]
+    monkeypatch.setattr(sampling, "_gap_draws", lambda n, q: 3)  # many rounds per step
+    for t in range(20):
+        assert torch.equal(sampler.global_indices(t), expected[t])
+    assert torch.equal(PoissonBatchSampler(7, 1.0, 1, seed=1).global_indices(0), torch.arange(7))
+
+
 def test_shards_partition_the_global_sample_and_all_ranks_take_the_same_steps():
-    n, q, steps, world = 103, 0.1, 50, 3
+    n, q, steps, world = 103, 0.03, 50, 3
     samplers = [PoissonBatchSampler(n, q, steps, seed=5, rank=r, world_size=world) for r in range(world)]
     per_rank = [list(s) for s in samplers]
     assert [len(p) for p in per_rank] == [steps] * world == [len(s) for s in samplers]

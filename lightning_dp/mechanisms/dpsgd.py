@@ -764,9 +764,9 @@ class _GhostStep:
                     if isinstance(x, Tensor) and x.dim() >= 3:
                         key = _key(x)
                         self.shared_left[key] = self.shared_left.get(key, 0) + 1
-        self.grams: dict[tuple, Tensor] = {}
+        self.grams: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def _input_gram(self, x: Tensor) -> Tensor | None:
+    def _input_gram(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         key = _key(x)
         if self.shared_left.get(key, 0) < 2 and key not in self.grams:
             return None
@@ -901,9 +901,9 @@ class _SharedInputGrams:
             for x in plan[1:]:
                 counts[_key(x)] = counts.get(_key(x), 0) + 1
         self._shared = {k for k, n in counts.items() if n > 1}
-        self._grams: dict[tuple, Tensor] = {}
+        self._grams: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def get(self, x: Tensor) -> Tensor | None:
+    def get(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         key = _key(x)
         if key not in self._shared:
             return None

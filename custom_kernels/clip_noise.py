@@ -40,8 +40,8 @@ from torch import Tensor
 from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
 from custom_kernels.zo_perturb import _signed64, mix_seed
 
-__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "gram", "noise_generator", "per_example_sq_norms",
-           "uses_gram"]
+__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "gram", "gram_dot", "noise_",
+           "per_example_sq_norms", "uses_gram"]
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_INDEX = 1 << 63
@@ -150,10 +150,8 @@ def _reference(
     accumulate: bool,
 ) -> None:
     noise_first = bool(noise_std) and not accumulate
-    if noise_first:
-        # the noise is drawn straight into `out` (the same values as `noise_std * randn` of that generator: no
-        # temporary, one pass fewer), and the clipped sum is then added to it
-        out.normal_(0.0, noise_std, generator=noise_generator(out.device, seed, offset))
+    if noise_first:  # the noise straight into `out` (no temporary, one pass fewer); the clipped sum is added to it
+        noise_(out, noise_std, seed, offset, overwrite=True)
     beta = 1.0 if accumulate or noise_first else 0.0
     if grads is not None:
         # out <- beta * out + coeffs @ grads, in one GEMV (no temporary of the sum)
@@ -171,16 +169,20 @@ def _reference(
             g = g.float() * scale
         torch.addmm(out.view(p, d), g.reshape(-1, p).t(), a.reshape(-1, d), beta=beta, out=out.view(p, d))
     if noise_std and not noise_first:
-        out.add_(torch.randn(out.numel(), generator=noise_generator(out.device, seed, offset), device=out.device),
-                 alpha=noise_std)
+        noise_(out, noise_std, seed, offset, overwrite=False)
 
 
-def noise_generator(device: torch.device, seed: int | None, offset: int) -> torch.Generator:
-    """The plain-torch noise stream of the slice at ``offset`` of the flat buffer: a private generator seeded with
-    ``mix_seed(seed, offset)``, standard normals drawn in order (``randn`` / ``normal_`` give the same values)."""
-    gen = torch.Generator(device=device)
+def noise_(out: Tensor, std: float, seed: int | None, offset: int, *, overwrite: bool) -> None:
+    """``out <- std · ξ`` (``overwrite``) or ``out <- out + std · ξ``, with ``ξ`` the plain-torch noise stream of the
+    slice at ``offset`` of the flat buffer: standard normals drawn in order from a private generator seeded with
+    ``mix_seed(seed, offset)`` (``normal_`` in place gives the same values as ``std * randn``, without a
+    temporary)."""
+    gen = torch.Generator(device=out.device)
     gen.manual_seed(mix_seed(seed, offset))
-    return gen
+    if overwrite:
+        out.normal_(0.0, std, generator=gen)
+    else:
+        out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
 
 
 def _triton(

@@ -153,6 +153,23 @@ def test_reference_and_global_rng(backend):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
+def test_reference_noise_is_one_stream_whether_written_or_added():
+    """The plain-torch path draws the same noise when it writes it into `out` (a single chunk) and when it adds it to
+    the earlier chunks' sum (`accumulate`), and the same as `std * randn` of the stream's generator."""
+    from custom_kernels.clip_noise import noise_
+
+    written, added = torch.empty(5000), torch.zeros(5000)
+    noise_(written, 0.5, 7, 3000, overwrite=True)
+    noise_(added, 0.5, 7, 3000, overwrite=False)
+    assert torch.equal(written, added)
+    grads, coeffs = torch.randn(2, 5000), torch.rand(2)
+    fresh, earlier = torch.empty(5000), torch.zeros(5000)
+    clip_and_noise_(fresh, grads, coeffs, 0.5, seed=7, offset=3000, backend="torch")
+    clip_and_noise_(earlier, grads, coeffs, 0.5, seed=7, offset=3000, accumulate=True, backend="torch")
+    torch.testing.assert_close(fresh, earlier, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fresh, coeffs @ grads + written, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_gives_noise_only(backend):
     """An empty Poisson batch still gets its noise (and keeps the buffer when accumulating)."""

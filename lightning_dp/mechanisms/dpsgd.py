@@ -73,7 +73,7 @@ from custom_kernels.clip_noise import (
     clip_coefficients,
     factor_sq_norms,
     gram,
-    noise_generator,
+    noise_,
     uses_gram,
 )
 from lightning_dp.errors import UnsupportedLayerError
@@ -671,10 +671,9 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
         clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate)
         return
-    gen = noise_generator(out.device, seed, off) if std else None
     if not accumulate:  # the noise (or 0) straight into `out`, no temporary; the clipped sum is added to it
         if std:
-            out.normal_(0.0, std, generator=gen)
+            noise_(out, std, seed, off, overwrite=True)
         else:
             out.zero_()
     if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
@@ -684,7 +683,7 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
             g = g * (ids != pad).unsqueeze(-1)
         out.view(p.shape).index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
     if std and accumulate:
-        out.add_(torch.randn(out.numel(), generator=gen, device=out.device), alpha=std)
+        noise_(out, std, seed, off, overwrite=False)
 
 
 def _drop_rows(plan: tuple, bad: Tensor) -> tuple:

@@ -40,8 +40,8 @@ from torch import Tensor
 from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
 from custom_kernels.zo_perturb import _signed64, mix_seed
 
-__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "gram", "gram_dot", "noise_",
-           "per_example_sq_norms", "uses_gram"]
+__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "gram", "gram_dot", "gram_panels", "noise_",
+           "per_example_sq_norms", "scale_examples", "symmetric_panels", "uses_gram"]
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_INDEX = 1 << 63
@@ -76,23 +76,58 @@ def per_example_sq_norms(grads: Tensor) -> Tensor:
     return torch.linalg.vector_norm(flat, ord=2, dim=1, dtype=torch.float32).square()
 
 
-def gram(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-example Gram matrix ``x_i x_iᵀ`` of ``x`` ``[B, T, d]`` (fp32), as its three distinct blocks.
+_GRAM_PANEL = 32  # rows per panel of `gram`: narrower panels lose more to the GEMM's efficiency than they save
+_GRAM_PANELS_MAX = 8
 
-    With ``x = [x₁; x₂]`` split along ``T`` at ``h = T // 2``: ``(x₁x₁ᵀ, x₂x₁ᵀ, x₂x₂ᵀ)``, of shapes ``[B, h, h]``,
-    ``[B, T-h, h]``, ``[B, T-h, T-h]``. The fourth block ``x₁x₂ᵀ`` is the transpose of the second and is not formed:
-    three quarters of the full product's multiply-adds. Read it with :func:`gram_dot`.
+
+def gram_panels(t: int) -> int:
+    """How many column panels :func:`gram` splits a length-``t`` Gram matrix into (1 for ``t < 64``)."""
+    return max(1, min(_GRAM_PANELS_MAX, t // _GRAM_PANEL))
+
+
+def gram(x: Tensor) -> tuple[Tensor, ...]:
+    """Per-example Gram matrix ``x_i x_iᵀ`` of ``x`` ``[B, T, d]`` (fp32), as its lower triangle of column panels.
+
+    ``T`` is cut into ``k =`` :func:`gram_panels` ``(T)`` pieces ``x₁ … x_k`` of ``s = ⌈T / k⌉`` rows (the last may be
+    shorter); panel ``j`` is ``x_{≥j} x_jᵀ`` (the rows from piece ``j`` on, against piece ``j``), shape
+    ``[B, T - j s, |x_j|]``, one batched GEMM each. The blocks above the diagonal are transposes of blocks below and
+    are not formed: ``(k + 1) / 2k`` of the full product's multiply-adds (5/8 at ``k = 4``). Read it with
+    :func:`gram_dot`; the panels depend only on ``T``, so two Gram matrices of the same ``T`` always line up.
     """
     x = x.float()
-    h = x.shape[1] // 2
-    x1, x2 = x[:, :h], x[:, h:]
-    return torch.bmm(x1, x1.transpose(1, 2)), torch.bmm(x2, x1.transpose(1, 2)), torch.bmm(x2, x2.transpose(1, 2))
+    t = x.shape[1]
+    k = gram_panels(t)
+    if k == 1:
+        return (torch.bmm(x, x.transpose(1, 2)),)
+    s = -(-t // k)
+    return tuple(torch.bmm(x[:, j:], x[:, j:j + s].transpose(1, 2)) for j in range(0, t, s))
 
 
-def gram_dot(u: tuple[Tensor, Tensor, Tensor], v: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """``Σ_{s,t} U_st V_st`` per example (fp32 ``[B]``) of two Gram matrices in :func:`gram`'s blocks (symmetric:
-    the off-diagonal block counts twice)."""
-    return (u[0] * v[0]).sum((1, 2)) + 2 * (u[1] * v[1]).sum((1, 2)) + (u[2] * v[2]).sum((1, 2))
+def gram_dot(u: tuple[Tensor, ...], v: tuple[Tensor, ...]) -> Tensor:
+    """``Σ_{s,t} U_st V_st`` per example (fp32 ``[B]``) of two symmetric Gram matrices in :func:`gram`'s panels: each
+    panel's product counts twice (it stands for itself and its transpose) except its diagonal block, once."""
+    if len(u) != len(v) or any(pu.shape != pv.shape for pu, pv in zip(u, v)):
+        raise ValueError(f"Gram matrices whose panels do not line up ({[tuple(x.shape) for x in u]} and "
+                         f"{[tuple(x.shape) for x in v]}): not of the same batch and length T")
+    if len(u) == 1:
+        return (u[0] * v[0]).sum((1, 2))
+    total = torch.zeros(u[0].shape[0], dtype=torch.float32, device=u[0].device)
+    for pu, pv in zip(u, v):
+        prod = pu * pv
+        w = prod.shape[2]
+        total += 2 * prod.sum((1, 2)) - prod[:, :w].sum((1, 2))
+    return total
+
+
+def symmetric_panels(m: Tensor) -> tuple[Tensor, ...]:
+    """A symmetric ``[B, T, T]`` matrix cut into :func:`gram`'s panels (views, no copy), e.g. a mask to weight a
+    Gram matrix with in :func:`gram_dot`."""
+    t = m.shape[1]
+    k = gram_panels(t)
+    if k == 1:
+        return (m,)
+    s = -(-t // k)
+    return tuple(m[:, j:, j:j + s] for j in range(0, t, s))
 
 
 def uses_gram(t: int, d: int, p: int) -> bool:
@@ -148,6 +183,7 @@ def _reference(
     seed: int | None,
     offset: int,
     accumulate: bool,
+    workspace: Tensor | None = None,
 ) -> None:
     noise_first = bool(noise_std) and not accumulate
     if noise_first:  # the noise straight into `out` (no temporary, one pass fewer); the clipped sum is added to it
@@ -160,16 +196,22 @@ def _reference(
         # out[p, d] <- beta * out + Σ_{b,t} c_b g[b,t,:]ᵀ a[b,t,:]: scale the smaller factor, then one GEMM over B·T
         a, g = factors
         d, p = a.shape[-1], g.shape[-1]
-        scale = coeffs.view(-1, *([1] * (a.dim() - 1)))
         if d <= p:
-            a = a.float() * scale
-            g = g.float()
+            a, g = scale_examples(a, coeffs, workspace), g.float()
         else:
-            a = a.float()
-            g = g.float() * scale
+            a, g = a.float(), scale_examples(g, coeffs, workspace)
         torch.addmm(out.view(p, d), g.reshape(-1, p).t(), a.reshape(-1, d), beta=beta, out=out.view(p, d))
     if noise_std and not noise_first:
         noise_(out, noise_std, seed, offset, overwrite=False)
+
+
+def scale_examples(x: Tensor, coeffs: Tensor, workspace: Tensor | None) -> Tensor:
+    """``coeffs_b · x[b]`` in fp32, written into the front of ``workspace`` when it is given and large enough (no
+    allocation: the scaled factor of every layer of a step can share one scratch buffer), else a new tensor."""
+    scale = coeffs.view(-1, *([1] * (x.dim() - 1)))
+    if workspace is None or workspace.numel() < x.numel() or workspace.device != x.device:
+        return x.float() * scale
+    return torch.mul(x, scale, out=workspace[: x.numel()].view(x.shape))
 
 
 def noise_(out: Tensor, std: float, seed: int | None, offset: int, *, overwrite: bool) -> None:
@@ -194,7 +236,9 @@ def _triton(
     seed: int | None,
     offset: int,
     accumulate: bool,
+    workspace: Tensor | None = None,
 ) -> None:
+    del workspace  # the kernels scale in registers
     kernels = triton_kernels()
     interp = interpreting(kernels)
     common = {
@@ -237,6 +281,7 @@ def clip_and_noise_(
     *,
     accumulate: bool = False,
     backend: Backend = "auto",
+    workspace: Tensor | None = None,
 ) -> Tensor:
     """Clipped sum plus Gaussian noise, written once into ``out``; returns ``out``.
 
@@ -254,6 +299,10 @@ def clip_and_noise_(
         offset: position of ``out[0]`` in the noise stream; give disjoint slices disjoint ranges.
         accumulate: add into ``out`` (``True``) or overwrite it (``False``, default; ``out`` is then not read).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (module docstring).
+        workspace: optional fp32 scratch on ``out``'s device for the torch path's scaled factor (``c_b`` times the
+            smaller of ``a``, ``g``; ``B·T·min(d, p)`` elements): a caller writing many layers passes one buffer for
+            all of them instead of allocating a factor-sized temporary per layer. Its contents are overwritten; a
+            smaller one is not used. The Triton path ignores it.
     """
     if not isinstance(out, Tensor) or out.dtype != torch.float32:
         raise ValueError(f"`out` must be a float32 tensor, got {getattr(out, 'dtype', type(out))}")
@@ -288,6 +337,8 @@ def clip_and_noise_(
         per_example, factors = grads.reshape(grads.shape[0], math.prod(grads.shape[1:])), None
         batch, numel = per_example.shape
         inputs = (grads,)
+    if workspace is not None and (workspace.dtype != torch.float32 or not workspace.is_contiguous()):
+        raise ValueError("`workspace` must be a contiguous float32 tensor")
     if out.numel() != numel:
         raise ValueError(f"`out` has {out.numel()} elements, the per-example gradients have {numel}")
     if coeffs.dim() != 1 or coeffs.shape[0] != batch or not coeffs.is_floating_point():
@@ -301,5 +352,5 @@ def clip_and_noise_(
 
     run = _triton if use_triton(backend, out.device, True, "") else _reference
     if numel:
-        run(out.view(-1), per_example, factors, coeffs, noise_std, seed, offset, accumulate)
+        run(out.view(-1), per_example, factors, coeffs, noise_std, seed, offset, accumulate, workspace)
     return out

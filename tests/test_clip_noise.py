@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from custom_kernels import clip_and_noise_, clip_coefficients, factor_sq_norms, normal_stream, per_example_sq_norms
+from custom_kernels.clip_noise import gram, gram_dot, gram_panels, scale_examples, symmetric_panels
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -38,8 +39,9 @@ def test_per_example_sq_norms(dtype):
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
 
 
-# Gram (T odd, even, 1: the blocks of `gram` split T at T // 2), explicit, 2-D
-@pytest.mark.parametrize("shape", [(4, 3, 40, 50), (4, 8, 40, 50), (4, 1, 40, 50), (4, 30, 3, 2), (4, None, 40, 50)])
+# Gram in one panel (T < 64: odd, even, 1), in 2, 3 (uneven) and 8 panels; explicit; 2-D
+@pytest.mark.parametrize("shape", [(4, 3, 40, 50), (4, 8, 40, 50), (4, 1, 40, 50), (3, 64, 70, 70), (3, 100, 110, 100),
+                                   (2, 300, 400, 300), (4, 30, 3, 2), (4, None, 40, 50)])
 def test_factor_sq_norms_match_explicit_per_example_gradients(shape):
     b, t, d, p = shape
     a = torch.randn(b, d) if t is None else torch.randn(b, t, d)
@@ -47,6 +49,48 @@ def test_factor_sq_norms_match_explicit_per_example_gradients(shape):
     a3, g3 = (a[:, None], g[:, None]) if t is None else (a, g)
     explicit = torch.einsum("btp,btd->bpd", g3.double(), a3.double()).square().sum((1, 2))
     torch.testing.assert_close(factor_sq_norms(a, g).double(), explicit, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("t", [1, 31, 63, 64, 65, 97, 128, 129, 255, 256, 257, 700])
+def test_gram_panels_give_the_full_gram_dot(t):
+    """`gram` forms only the lower triangle of column panels; `gram_dot` of two of them (or of a Gram matrix and a
+    symmetric mask cut by `symmetric_panels`) is the elementwise dot of the full matrices."""
+    x, y = torch.randn(2, t, 5), torch.randn(2, t, 3)
+    u, v = gram(x), gram(y)
+    assert len(u) == len(v) == gram_panels(t) == max(1, min(8, t // 32))
+    if t >= 128:  # 4 or more panels: at most ~5/8 of the full T x T product is formed
+        assert sum(panel[0].numel() for panel in u) < 0.63 * t * t
+    full_x, full_y = x.double() @ x.double().transpose(1, 2), y.double() @ y.double().transpose(1, 2)
+    torch.testing.assert_close(gram_dot(u, v).double(), (full_x * full_y).sum((1, 2)), rtol=1e-5, atol=1e-8)
+    mask = torch.rand(2, t, t) < 0.3
+    mask = mask | mask.transpose(1, 2)
+    torch.testing.assert_close(gram_dot(u, symmetric_panels(mask.float())).double(), (full_x * mask).sum((1, 2)),
+                               rtol=1e-5, atol=1e-8)
+    if t >= 64:
+        with pytest.raises(ValueError, match="panels"):
+            gram_dot(u, gram(torch.randn(2, t // 2, 3)))
+
+
+def test_workspace_is_reused_and_never_the_input():
+    """The torch path's scaled factor goes into the caller's workspace (same result as a temporary), a too-small one
+    is not written, and `scale_examples` never returns (or writes) its input."""
+    torch.manual_seed(0)
+    a, g, c = torch.randn(5, 7, 6), torch.randn(5, 7, 9), torch.rand(5)
+    ref = clip_and_noise_(torch.empty(54), (a, g), c, backend="torch")
+    ws = torch.full((a.numel() + 3,), float("nan"))
+    got = clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=ws)
+    assert torch.equal(got, ref) and not torch.isnan(ws[: a.numel()]).any()
+    small = torch.full((a.numel() - 1,), 7.0)
+    assert torch.equal(clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=small), ref)
+    assert torch.equal(small, torch.full_like(small, 7.0))
+    before = a.clone()
+    for w in (None, ws):
+        out = scale_examples(a, c, w)
+        assert out.data_ptr() != a.data_ptr()
+        torch.testing.assert_close(out, a * c[:, None, None])
+    assert torch.equal(a, before)
+    with pytest.raises(ValueError, match="workspace"):
+        clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=torch.empty(100, dtype=torch.float64))
 
 
 def test_clip_coefficients_bound_the_clipped_norms():

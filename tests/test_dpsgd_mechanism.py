@@ -117,6 +117,36 @@ def test_embedding_with_padding_idx():
     assert torch.all(flat[: 10 * 4].view(10, 4)[0] == 0)
 
 
+def test_added_embeddings_share_one_gram_and_stay_exact(monkeypatch):
+    """BERT-style embeddings (word + position + token type, added) receive one output gradient: its Gram matrix is
+    formed once (in panels: T = 80) and each embedding's norm masks it with its own token matches."""
+    import lightning_dp.mechanisms.dpsgd as dpsgd
+
+    torch.manual_seed(5)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word = nn.Embedding(20, 6, padding_idx=0)
+            self.pos = nn.Embedding(80, 6)
+            self.kind = nn.Embedding(2, 6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, ids, kinds):
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+            return self.out(torch.tanh(self.word(ids) + self.pos(positions) + self.kind(kinds)).mean(1))
+
+    ids, kinds = torch.randint(0, 20, (7, 80)), torch.randint(0, 2, (7, 80))
+    ids[:, -5:] = 0
+    y = torch.randint(0, 3, (7,))
+    model, loss = M(), ce(lambda m: m(ids, kinds), y)
+    check_against_reference(model, loss, 7)
+    calls, gram = [], dpsgd.gram
+    monkeypatch.setattr(dpsgd, "gram", lambda x: calls.append(tuple(x.shape)) or gram(x))
+    mechanism_sum(model, loss, 7, clip=1.0)  # bk: the checked step and a step stopped at the outputs
+    assert calls == [(7, 80, 6)] * 2  # one Gram per step for the three embeddings
+
+
 def test_layernorm():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))

@@ -73,7 +73,10 @@ from custom_kernels.clip_noise import (
     clip_coefficients,
     factor_sq_norms,
     gram,
+    gram_dot,
     noise_,
+    scale_examples,
+    symmetric_panels,
     uses_gram,
 )
 from lightning_dp.errors import UnsupportedLayerError
@@ -536,7 +539,7 @@ class BookKeepingDPSGD:
                     if plan[0] == "factors":
                         sq += factor_sq_norms(plan[1], plan[2], a_gram=shared.get(plan[1]), g_gram=shared.get(plan[2]))
                     else:
-                        sq += _embedding_sq_norms(plan[1], plan[2], plan[3])
+                        sq += _embedding_sq_norms(plan[1], plan[2], plan[3], g_gram=shared.get(plan[2]))
                     continue
                 # several uses (tied parameter) or a small parameter (bias, norm): per-example gradients, instantiated
                 total = None
@@ -560,13 +563,18 @@ class BookKeepingDPSGD:
         # (every slice is overwritten below; on the CPU its pages become resident only as they are written), and each
         # use's stored input and output gradient are freed as soon as the last of its parameters is written
         flat = torch.empty(self.numel, dtype=torch.float32, device=device) if out is None else out
+        # one scratch for every layer's scaled factor (torch path) and embedding rows, instead of a factor-sized
+        # temporary each: on the CPU a fresh temporary costs page faults as well as its writes
+        ws_numel = _workspace_numel(plans.values())
+        workspace = torch.empty(ws_numel, dtype=torch.float32, device=device) if ws_numel else None
         pending: dict[int, int] = {}
         for uses in uses_of.values():
             for use in uses:
                 pending[id(use[3])] = pending.get(id(use[3]), 0) + 1
         for k in self._write_order:
             p, off, n = self.params[k], self._offsets[k], self._sizes[k]
-            _write(flat[off:off + n], p, plans.pop(id(p), None), coeffs, std, seed, off, accumulate=out is not None)
+            _write(flat[off:off + n], p, plans.pop(id(p), None), coeffs, std, seed, off, accumulate=out is not None,
+                   workspace=workspace)
             for *_, use in uses_of.pop(id(p), ()):
                 pending[id(use)] -= 1
                 if not pending[id(use)]:
@@ -664,12 +672,13 @@ class BookKeepingDPSGD:
 
 
 def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: float, seed: int | None, off: int,
-           accumulate: bool = False) -> None:
+           accumulate: bool = False, workspace: Tensor | None = None) -> None:
     """``out <- [out +] Σ_i coeffs_i ∇_i + std · ξ`` for one parameter (``out`` is its slice of the flat buffer; not
-    read unless ``accumulate``; ``plan`` None: no example reached it, the sum is 0)."""
+    read unless ``accumulate``; ``plan`` None: no example reached it, the sum is 0). ``workspace``: scratch for the
+    scaled factor (:func:`_workspace_numel` elements), shared by all the parameters of a step."""
     if plan is not None and plan[0] != "embedding":
         src = plan[1] if plan[0] == "dense" else (plan[1], plan[2])
-        clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate)
+        clip_and_noise_(out, src, coeffs, std, seed, off, accumulate=accumulate, workspace=workspace)
         return
     if not accumulate:  # the noise (or 0) straight into `out`, no temporary; the clipped sum is added to it
         if std:
@@ -678,12 +687,28 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
             out.zero_()
     if plan is not None:  # embedding: scatter c_i g_{i,t} into the rows of its tokens (padding row excluded)
         _, ids, g, pad = plan
-        g = g.float() * coeffs.view(-1, *([1] * (g.dim() - 1)))
+        g = scale_examples(g, coeffs, workspace)  # a new tensor or the workspace: never the stored `g`
         if pad is not None:
-            g = g * (ids != pad).unsqueeze(-1)
+            g.masked_fill_((ids == pad).unsqueeze(-1), 0.0)
         out.view(p.shape).index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
     if std and accumulate:
         noise_(out, std, seed, off, overwrite=False)
+
+
+def _workspace_numel(plans: Any) -> int:
+    """Elements of the scratch that :func:`_write` needs for the largest scaled factor among ``plans``: ``c_i``
+    times the smaller factor of a linear layer (as :func:`~custom_kernels.clip_noise.clip_and_noise_`'s torch path
+    chooses it), or the output gradient of an embedding."""
+    most = 0
+    for plan in plans:
+        if plan is None or plan[0] == "dense":
+            continue
+        if plan[0] == "factors":
+            a, g = plan[1], plan[2]
+            most = max(most, (a if a.shape[-1] <= g.shape[-1] else g).numel())
+        else:
+            most = max(most, plan[2].numel())
+    return most
 
 
 def _drop_rows(plan: tuple, bad: Tensor) -> tuple:
@@ -763,9 +788,9 @@ class _GhostStep:
                     if isinstance(x, Tensor) and x.dim() >= 3:
                         key = _key(x)
                         self.shared_left[key] = self.shared_left.get(key, 0) + 1
-        self.grams: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self.grams: dict[tuple, tuple[Tensor, ...]] = {}
 
-    def _input_gram(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _input_gram(self, x: Tensor) -> tuple[Tensor, ...] | None:
         key = _key(x)
         if self.shared_left.get(key, 0) < 2 and key not in self.grams:
             return None
@@ -886,12 +911,15 @@ class _GhostStep:
 
 
 class _SharedInputGrams:
-    """Per-example Gram matrices of the factors that several linear layers share (e.g. the one input of an
-    attention block's query, key and value projections), computed once per step; other factors are not kept."""
+    """Per-example Gram matrices of the factors that several layers share (the one input of an attention block's
+    query, key and value projections; the one output gradient of embeddings whose outputs are added), computed once
+    per step; other factors are not kept."""
 
     def __init__(self, plans: list[tuple | None]) -> None:
         counts: dict[tuple, int] = {}
         for plan in plans:
+            if plan is not None and plan[0] == "embedding":  # always the Gram form
+                counts[_key(plan[2])] = counts.get(_key(plan[2]), 0) + 1
             if plan is None or plan[0] != "factors" or plan[1].dim() != 3:
                 continue
             t, first, second = plan[1].shape[1], plan[1].shape[2], plan[2].shape[2]
@@ -900,9 +928,9 @@ class _SharedInputGrams:
             for x in plan[1:]:
                 counts[_key(x)] = counts.get(_key(x), 0) + 1
         self._shared = {k for k, n in counts.items() if n > 1}
-        self._grams: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self._grams: dict[tuple, tuple[Tensor, ...]] = {}
 
-    def get(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def get(self, x: Tensor) -> tuple[Tensor, ...] | None:
         key = _key(x)
         if key not in self._shared:
             return None
@@ -915,14 +943,14 @@ def _key(x: Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
 
 
-def _embedding_sq_norms(ids: Tensor, g: Tensor, padding_idx: int | None) -> Tensor:
-    """``Σ_{t,s} 1[x_t = x_s ≠ pad] ⟨g_t, g_s⟩`` per example (fp32 ``[B]``), O(B T²) memory."""
-    g = g.float()
+def _embedding_sq_norms(ids: Tensor, g: Tensor, padding_idx: int | None, g_gram: tuple | None = None) -> Tensor:
+    """``Σ_{t,s} 1[x_t = x_s ≠ pad] ⟨g_t, g_s⟩`` per example (fp32 ``[B]``), O(B T²) memory. ``g_gram``:
+    :func:`~custom_kernels.clip_noise.gram` of ``g`` when the caller has it (embeddings whose outputs are added,
+    e.g. BERT's word, position and token-type embeddings, receive one output gradient)."""
     match = ids.unsqueeze(2) == ids.unsqueeze(1)
     if padding_idx is not None:
         keep = ids != padding_idx
         match = match & keep.unsqueeze(2) & keep.unsqueeze(1)
-    gram = torch.bmm(g, g.transpose(1, 2))
-    return (gram * match).sum((1, 2))
+    return gram_dot(gram(g) if g_gram is None else g_gram, symmetric_panels(match.float()))
 
 

@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -239,18 +240,28 @@ def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int, clock
         return {"times": [], "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
     for t in range(warmup):
         step(t)
-    times = []
+    times, kernel = [], []
     for t in range(warmup, warmup + repeats):
         tick = time.process_time if clock == "cpu" else (lambda: now(device))
-        start = tick()
+        before, start = _kernel_usage(), tick()
         step(t)
         times.append(tick() - start)
+        kernel.append(_kernel_usage(before))
     # memory on separate steps: the allocator trim before them must not slow the timed steps down
     probe.start()
     for t in range(warmup + repeats, warmup + repeats + max(1, mem_steps)):
         step(t)
     baseline, peak, method = probe.stop()
-    return {"times": times, "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
+    return {"times": times, "kernel": kernel, "baseline_bytes": baseline, "peak_growth_bytes": peak,
+            "memory_method": method}
+
+
+def _kernel_usage(since: tuple[float, int] | None = None) -> tuple[float, int]:
+    """This process's system (kernel) CPU time and minor page faults so far, or since ``since``: on the CPU the share
+    of a step spent mapping fresh memory (``getrusage``; part of ``--clock cpu``'s process time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    now_ = (usage.ru_stime, usage.ru_minflt)
+    return now_ if since is None else (now_[0] - since[0], now_[1] - since[1])
 
 
 def measure_interleaved(names: list[str], model, batch, device, args) -> dict:
@@ -262,13 +273,15 @@ def measure_interleaved(names: list[str], model, batch, device, args) -> dict:
     steps = {v: STEPS[v](copy.deepcopy(model), batch, device, args.optimizer) for v in names}
     tick = time.process_time if args.clock == "cpu" else (lambda: now(device))
     times: dict[str, list[float]] = {v: [] for v in names}
+    kernel: dict[str, list[tuple[float, int]]] = {v: [] for v in names}
     for t in range(args.warmup + args.repeats):
         for v, step in steps.items():
-            start = tick()
+            before, start = _kernel_usage(), tick()
             step(t)
             if t >= args.warmup:
                 times[v].append(tick() - start)
-    return {"times_by_variant": times}
+                kernel[v].append(_kernel_usage(before))
+    return {"times_by_variant": times, "kernel_by_variant": kernel}
 
 
 def child_main(args) -> None:
@@ -361,13 +374,14 @@ def main(argv=None) -> None:
                             env=timing_env)
             if "failed" in res:
                 raise SystemExit(f"interleaved timing failed: {res['failed']}")
-            together = res["times_by_variant"]
+            together = {v: {"times": res["times_by_variant"][v], "kernel": res["kernel_by_variant"][v]}
+                        for v in variants}
         for v in variants:
             t0 = time.time()
             # time in one process, memory in another started with EXACT_MALLOC_ENV (RSS follows the live memory;
             # that allocator setting slows allocation down, so it must not be on while timing)
             try:
-                res = ({"variant": v, "times": together[v]} if interleaved
+                res = ({"variant": v, **together[v]} if interleaved
                        else run_child(script, [*forwarded, f"--variant={v}", "--mem-steps=0"], env=timing_env))
                 if "failed" not in res:
                     mem = run_child(script, [*forwarded, f"--variant={v}", "--repeats=0",
@@ -387,9 +401,12 @@ def main(argv=None) -> None:
             summary[v] = {"failed": runs[v][0]["failed"]}
             continue
         times = [t for run in ok for t in run["times"]]
+        kernel = [k for run in ok for k in run.get("kernel", [])]  # not recorded by --trainer
         summary[v] = {
             "min_s": min(times),
             "median_s": statistics.median(times),
+            "kernel_s": statistics.median(k[0] for k in kernel) if kernel else None,
+            "minor_faults": statistics.median(k[1] for k in kernel) if kernel else None,
             "peak_growth_bytes": statistics.median(run["peak_growth_bytes"] for run in ok),
         }
     if "failed" in summary["non-private"]:
@@ -413,7 +430,7 @@ def main(argv=None) -> None:
     print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after"
           + ("  <- other processes were using the CPU: timings are noisy" if busy else ""))
     header = (f"\n{'variant':<14}{'median s/step':>14}{'min':>8}{'x non-private':>15}"
-              f"{'peak mem MiB':>14}{'x non-private':>15}")
+              f"{'peak mem MiB':>14}{'x non-private':>15}{'sys s/step':>12}{'faults/step':>13}")
     print(header)
     print("-" * (len(header) - 1))
     for v in variants:
@@ -422,7 +439,8 @@ def main(argv=None) -> None:
             print(f"{v:<14}failed: {r['failed']}")
             continue
         print(f"{v:<14}{r['median_s']:>14.3f}{r['min_s']:>8.3f}{r['median_s'] / ref_time:>14.2f}x"
-              f"{r['peak_growth_bytes'] / MiB:>14.1f}{r['peak_growth_bytes'] / max(ref_mem, 1):>14.2f}x")
+              f"{r['peak_growth_bytes'] / MiB:>14.1f}{r['peak_growth_bytes'] / max(ref_mem, 1):>14.2f}x"
+              + (f"{r['kernel_s']:>12.3f}{r['minor_faults']:>13.0f}" if r["kernel_s"] is not None else ""))
     if interleaved:
         same = {v: statistics.median(a / b for run, ref_run in zip(runs[v], runs["non-private"])
                                      for a, b in zip(run["times"], ref_run["times"]))
@@ -430,6 +448,9 @@ def main(argv=None) -> None:
         summary["same_moment_ratios"] = same
         print(f"\nsame moment (one process, one step of each in turn; median of the per-step ratios over "
               f"{args.rounds * args.repeats} steps): " + ", ".join(f"{v} {x:.3f}x" for v, x in same.items()))
+    if any(summary[v].get("kernel_s") is not None for v in variants):
+        print("(sys s/step, faults/step: median system CPU time and minor page faults of a timed step, from getrusage: "
+              "the kernel's share of the step, mostly mapping fresh memory)")
     print("\ntarget: DP-SGD <= 1.15x non-private time and <= 1.10x non-private memory")
     if args.json:
         with open(args.json, "w") as f:

@@ -85,6 +85,14 @@ def gram_panels(t: int) -> int:
     return max(1, min(_GRAM_PANELS_MAX, t // _GRAM_PANEL))
 
 
+def _panels(t: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each of :func:`gram`'s pieces of a length-``t`` axis."""
+    if t == 0:  # an empty sequence: one empty panel
+        return [(0, 0)]
+    s = -(-t // gram_panels(t))
+    return [(j, s) for j in range(0, t, s)]
+
+
 def gram(x: Tensor) -> tuple[Tensor, ...]:
     """Per-example Gram matrix ``x_i x_iᵀ`` of ``x`` ``[B, T, d]`` (fp32), as its lower triangle of column panels.
 
@@ -95,12 +103,7 @@ def gram(x: Tensor) -> tuple[Tensor, ...]:
     :func:`gram_dot`; the panels depend only on ``T``, so two Gram matrices of the same ``T`` always line up.
     """
     x = x.float()
-    t = x.shape[1]
-    k = gram_panels(t)
-    if k == 1:
-        return (torch.bmm(x, x.transpose(1, 2)),)
-    s = -(-t // k)
-    return tuple(torch.bmm(x[:, j:], x[:, j:j + s].transpose(1, 2)) for j in range(0, t, s))
+    return tuple(torch.bmm(x[:, j:], x[:, j:j + s].transpose(1, 2)) for j, s in _panels(x.shape[1]))
 
 
 def gram_dot(u: tuple[Tensor, ...], v: tuple[Tensor, ...]) -> Tensor:
@@ -122,12 +125,7 @@ def gram_dot(u: tuple[Tensor, ...], v: tuple[Tensor, ...]) -> Tensor:
 def symmetric_panels(m: Tensor) -> tuple[Tensor, ...]:
     """A symmetric ``[B, T, T]`` matrix cut into :func:`gram`'s panels (views, no copy), e.g. a mask to weight a
     Gram matrix with in :func:`gram_dot`."""
-    t = m.shape[1]
-    k = gram_panels(t)
-    if k == 1:
-        return (m,)
-    s = -(-t // k)
-    return tuple(m[:, j:, j:j + s] for j in range(0, t, s))
+    return tuple(m[:, j:, j:j + s] for j, s in _panels(m.shape[1]))
 
 
 def uses_gram(t: int, d: int, p: int) -> bool:

@@ -51,7 +51,7 @@ def test_factor_sq_norms_match_explicit_per_example_gradients(shape):
     torch.testing.assert_close(factor_sq_norms(a, g).double(), explicit, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("t", [1, 31, 63, 64, 65, 97, 128, 129, 255, 256, 257, 700])
+@pytest.mark.parametrize("t", [0, 1, 31, 63, 64, 65, 97, 128, 129, 255, 256, 257, 700])
 def test_gram_panels_give_the_full_gram_dot(t):
     """`gram` forms only the lower triangle of column panels; `gram_dot` of two of them (or of a Gram matrix and a
     symmetric mask cut by `symmetric_panels`) is the elementwise dot of the full matrices."""

@@ -40,8 +40,8 @@ from torch import Tensor
 from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
 from custom_kernels.zo_perturb import _signed64, mix_seed
 
-__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "gram", "gram_dot", "gram_panels", "noise_",
-           "per_example_sq_norms", "scale_examples", "symmetric_panels", "uses_gram"]
+__all__ = ["clip_and_noise_", "clip_coefficients", "factor_sq_norms", "factor_workspace_numel", "gram", "gram_dot",
+           "gram_panels", "noise_", "per_example_sq_norms", "scale_examples", "symmetric_panels", "uses_gram"]
 
 _GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_INDEX = 1 << 63
@@ -194,7 +194,7 @@ def _reference(
         # out[p, d] <- beta * out + Σ_{b,t} c_b g[b,t,:]ᵀ a[b,t,:]: scale the smaller factor, then one GEMM over B·T
         a, g = factors
         d, p = a.shape[-1], g.shape[-1]
-        if d <= p:
+        if _scales_input(a, g):
             a, g = scale_examples(a, coeffs, workspace), g.float()
         else:
             a, g = a.float(), scale_examples(g, coeffs, workspace)
@@ -203,11 +203,24 @@ def _reference(
         noise_(out, noise_std, seed, offset, overwrite=False)
 
 
+def _scales_input(a: Tensor, g: Tensor) -> bool:
+    """Whether the torch path scales ``a`` (the smaller factor) rather than ``g``."""
+    return a.shape[-1] <= g.shape[-1]
+
+
+def factor_workspace_numel(a: Tensor, g: Tensor, backend: Backend = "auto") -> int:
+    """Elements of the ``workspace`` that :func:`clip_and_noise_` uses for the factors ``(a, g)``: the size of the
+    factor its torch path scales, or 0 where the Triton kernel runs (it scales in registers)."""
+    if use_triton(backend, a.device, True, ""):
+        return 0
+    return (a if _scales_input(a, g) else g).numel()
+
+
 def scale_examples(x: Tensor, coeffs: Tensor, workspace: Tensor | None) -> Tensor:
     """``coeffs_b · x[b]`` in fp32, written into the front of ``workspace`` when it is given and large enough (no
     allocation: the scaled factor of every layer of a step can share one scratch buffer), else a new tensor."""
     scale = coeffs.view(-1, *([1] * (x.dim() - 1)))
-    if workspace is None or workspace.numel() < x.numel() or workspace.device != x.device:
+    if workspace is None or workspace.numel() < x.numel():
         return x.float() * scale
     return torch.mul(x, scale, out=workspace[: x.numel()].view(x.shape))
 
@@ -343,7 +356,7 @@ def clip_and_noise_(
         raise ValueError(
             f"`coeffs` must be a floating [B] = [{batch}] tensor, got {coeffs.dtype} {tuple(coeffs.shape)}"
         )
-    for t in (*inputs, coeffs):
+    for t in (*inputs, coeffs, *([] if workspace is None else [workspace])):
         if t.device != out.device:
             raise ValueError(f"all tensors must be on {out.device}, got one on {t.device}")
     coeffs = coeffs.float().contiguous()

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from custom_kernels import clip_and_noise_, clip_coefficients, factor_sq_norms, normal_stream, per_example_sq_norms
-from custom_kernels.clip_noise import gram, gram_dot, gram_panels, scale_examples, symmetric_panels
+from custom_kernels.clip_noise import (
+    factor_workspace_numel,
+    gram,
+    gram_dot,
+    gram_panels,
+    scale_examples,
+    symmetric_panels,
+)
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -80,6 +87,8 @@ def test_workspace_is_reused_and_never_the_input():
     ws = torch.full((a.numel() + 3,), float("nan"))
     got = clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=ws)
     assert torch.equal(got, ref) and not torch.isnan(ws[: a.numel()]).any()
+    assert factor_workspace_numel(a, g, backend="torch") == a.numel()  # d = 6 <= p = 9: `a` is the scaled factor
+    assert factor_workspace_numel(g, a, backend="torch") == a.numel()
     small = torch.full((a.numel() - 1,), 7.0)
     assert torch.equal(clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=small), ref)
     assert torch.equal(small, torch.full_like(small, 7.0))
@@ -89,6 +98,8 @@ def test_workspace_is_reused_and_never_the_input():
         assert out.data_ptr() != a.data_ptr()
         torch.testing.assert_close(out, a * c[:, None, None])
     assert torch.equal(a, before)
+    with pytest.raises(ValueError, match="meta"):  # a workspace on another device is an error, not skipped
+        clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=torch.empty(100, device="meta"))
     with pytest.raises(ValueError, match="workspace"):
         clip_and_noise_(torch.empty(54), (a, g), c, backend="torch", workspace=torch.empty(100, dtype=torch.float64))
 

@@ -68,11 +68,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from custom_kernels._backend import use_triton
 from custom_kernels.clip_noise import (
     clip_and_noise_,
     clip_coefficients,
     factor_sq_norms,
+    factor_workspace_numel,
     gram,
     gram_dot,
     noise_,
@@ -566,7 +566,7 @@ class BookKeepingDPSGD:
         flat = torch.empty(self.numel, dtype=torch.float32, device=device) if out is None else out
         # one scratch for every layer's scaled factor (torch path) and embedding rows, instead of a factor-sized
         # temporary each: on the CPU a fresh temporary costs page faults as well as its writes
-        ws_numel = _workspace_numel(plans.values(), device)
+        ws_numel = _workspace_numel(plans.values())
         workspace = torch.empty(ws_numel, dtype=torch.float32, device=device) if ws_numel else None
         pending: dict[int, int] = {}
         for uses in uses_of.values():
@@ -696,22 +696,15 @@ def _write(out: Tensor, p: Tensor, plan: tuple | None, coeffs: Tensor, std: floa
         noise_(out, std, seed, off, overwrite=False)
 
 
-def _workspace_numel(plans: Any, device: torch.device) -> int:
-    """Elements of the scratch that :func:`_write` needs for the largest scaled factor among ``plans``: ``c_i``
-    times the smaller factor of a linear layer (as :func:`~custom_kernels.clip_noise.clip_and_noise_`'s torch path
-    chooses it; its Triton kernel on a GPU scales in registers), or the output gradient of an embedding."""
-    torch_path = not use_triton("auto", device, True, "")
+def _workspace_numel(plans: Any) -> int:
+    """Elements of the scratch that :func:`_write` needs for the largest scaled factor among ``plans``: what
+    :func:`~custom_kernels.clip_noise.clip_and_noise_` scales for a linear layer, or the output gradient of an
+    embedding."""
     most = 0
     for plan in plans:
         if plan is None or plan[0] == "dense":
             continue
-        if plan[0] == "factors":
-            if not torch_path:
-                continue
-            a, g = plan[1], plan[2]
-            most = max(most, (a if a.shape[-1] <= g.shape[-1] else g).numel())
-        else:
-            most = max(most, plan[2].numel())
+        most = max(most, factor_workspace_numel(plan[1], plan[2]) if plan[0] == "factors" else plan[2].numel())
     return most
 
 

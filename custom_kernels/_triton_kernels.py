@@ -58,6 +58,34 @@ def _normal_block(seed, start, TILE: tl.constexpr, ALIGNED4: tl.constexpr):
 
 
 @triton.jit
+def _sign_block(seed, start, TILE: tl.constexpr, ALIGNED4: tl.constexpr):
+    """Rademacher ``r(seed, start + 4 * q + l)`` at ``[q, l]`` of a ``[TILE // 4, 4]`` block: ``-1.0`` where the top
+    bit of ``tl.randint4x(seed, j // 4)[j % 4]`` is set, ``+1.0`` otherwise (the same Philox words as the normals)."""
+    r = tl.arange(0, TILE // 4)
+    lane = tl.arange(0, 4)[None, :]
+    if ALIGNED4:
+        w0, w1, w2, w3 = tl.randint4x(seed, (start >> 2) + r)
+        w = tl.where(
+            lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None]))
+        )
+    else:
+        j = start + 4 * r[:, None] + lane
+        w0, w1, w2, w3 = tl.randint4x(seed, j >> 2)
+        q = j & 3
+        w = tl.where(q == 0, w0, tl.where(q == 1, w1, tl.where(q == 2, w2, w3)))
+    return 1.0 - 2.0 * (w.to(tl.uint32) >> 31).to(tl.float32)
+
+
+@triton.jit
+def _direction_block(seed, start, TILE: tl.constexpr, ALIGNED4: tl.constexpr, RADEMACHER: tl.constexpr):
+    if RADEMACHER:
+        z = _sign_block(seed, start, TILE, ALIGNED4)
+    else:
+        z = _normal_block(seed, start, TILE, ALIGNED4)
+    return z
+
+
+@triton.jit
 def _load_f32(ptrs, mask, KIND: tl.constexpr):
     if KIND == 2:  # bf16 bit pattern (uint16): widening is exact
         x = (tl.load(ptrs, mask=mask).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
@@ -83,7 +111,7 @@ def _store_f32(ptrs, x, mask, KIND: tl.constexpr):
 def _perturb_tile(
     ptr, idx_ptr, start, numel, base, seed, scale, seed2, scale2, decay,
     KIND: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_Z2: tl.constexpr, ALIGNED4: tl.constexpr,
-    TILE: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr,
+    TILE: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr, RADEMACHER: tl.constexpr,
 ):  # fmt: skip
     idx = start + 4 * tl.arange(0, TILE // 4)[:, None] + tl.arange(0, 4)[None, :]  # [TILE // 4, 4]
     if MASKED:
@@ -97,9 +125,9 @@ def _perturb_tile(
     x = _load_f32(ptr + pos, mask, KIND)
     if HAS_DECAY:
         x = x * decay
-    x = x + scale * _normal_block(seed, base + start, TILE, ALIGNED4)
+    x = x + scale * _direction_block(seed, base + start, TILE, ALIGNED4, RADEMACHER)
     if HAS_Z2:
-        x = x + scale2 * _normal_block(seed2, base + start, TILE, ALIGNED4)
+        x = x + scale2 * _direction_block(seed2, base + start, TILE, ALIGNED4, RADEMACHER)
     _store_f32(ptr + pos, x, mask, KIND)
 
 
@@ -108,7 +136,7 @@ def perturb_kernel(
     meta_i, meta_f, n_tensors, seed, seed2,
     KIND: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_Z2: tl.constexpr, ALIGNED16: tl.constexpr,
     ALIGNED4: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr, INDEXED: tl.constexpr,
-    INDEX64: tl.constexpr,
+    INDEX64: tl.constexpr, RADEMACHER: tl.constexpr,
 ):  # fmt: skip
     """One program per TILE-element tile of a group of tensors (same device, storage kind and indexing).
 
@@ -153,10 +181,10 @@ def perturb_kernel(
         ptr = tl.multiple_of(ptr, 16)
     if start + TILE <= numel:  # full tile: no mask, vectorized accesses
         _perturb_tile(ptr, idx_ptr, start, numel, base, seed, scale, seed2, scale2, decay,
-                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, False, INDEXED)  # fmt: skip
+                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, False, INDEXED, RADEMACHER)  # fmt: skip
     else:
         _perturb_tile(ptr, idx_ptr, start, numel, base, seed, scale, seed2, scale2, decay,
-                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, True, INDEXED)  # fmt: skip
+                      KIND, HAS_DECAY, HAS_Z2, ALIGNED4, TILE, True, INDEXED, RADEMACHER)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])

@@ -52,13 +52,14 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from custom_kernels._backend import Backend, interpreting, triton_kernels, use_triton
 
-__all__ = ["BLOCK", "mix_seed", "normal_stream", "offsets_for", "perturb_"]
+__all__ = ["BLOCK", "DISTRIBUTIONS", "Distribution", "mix_seed", "normal_stream", "offsets_for", "perturb_"]
 
 BLOCK = 1 << 16
 """Granularity of the reference stream (elements). Offsets from :func:`offsets_for` are multiples of it."""
@@ -66,6 +67,10 @@ BLOCK = 1 << 16
 _PIECE = 1 << 15  # elements per arithmetic op: ATen's intra-op grain size, so no op opens an OpenMP region
 _MASK64 = (1 << 64) - 1
 _MAX_INDEX = 1 << 63  # offsets and element indices are int64 in the kernel
+
+Distribution = Literal["gaussian", "rademacher"]
+DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
+"""Distributions of the direction ``z``: standard normal, or Rademacher (independent uniform signs, ``±1``)."""
 
 _TRITON_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # storage kind of the kernel
 _TILE_GPU = 4096  # elements per program on a GPU (16 per thread with 8 warps)
@@ -159,12 +164,36 @@ def _block_normal(gen: torch.Generator, seed: int, block: int, n: int, out: Tens
     return torch.randn(n, generator=gen, out=out[:n])
 
 
+_SIGN_SHIFTS = 31 - torch.arange(32, dtype=torch.int32)  # bit k of a word -> the sign bit of an fp32 pattern
+_ONE_BITS = 0x3F800000  # fp32 1.0
+
+
+def _block_rademacher(gen: torch.Generator, seed: int, block: int, n: int, out: Tensor, words: Tensor) -> Tensor:
+    """Block ``block`` of the Rademacher reference stream: ``ceil(n / 32)`` 32-bit words ``w`` drawn by
+    ``random_(0, 2**32)`` from a generator seeded with ``mix_seed(seed, block)``; element ``i`` is ``-1`` where bit
+    ``i % 32`` of ``w[i // 32]`` is set, ``+1`` otherwise. Built as fp32 bit patterns (sign bit | 1.0) in ``out``."""
+    gen.manual_seed(mix_seed(seed, block))
+    count = -(-n // 32)
+    w = words[:count].random_(0, 1 << 32, generator=gen).to(torch.int32)  # wraps: the same 32 bits
+    bits = out.view(torch.int32)[: 32 * count].view(count, 32)
+    torch.bitwise_left_shift(w[:, None], _SIGN_SHIFTS, out=bits)
+    bits.bitwise_and_(-(1 << 31)).bitwise_or_(_ONE_BITS)
+    return out[:n]
+
+
 class _Worker(threading.local):
-    """Per-thread state of the reference path: a private CPU generator and one block buffer per stream."""
+    """Per-thread state of the reference path: a private CPU generator, one block buffer per stream and, for
+    Rademacher directions, one word buffer per stream."""
 
     def __init__(self) -> None:
         self.gen = torch.Generator(device="cpu")
         self.bufs = (torch.empty(BLOCK, dtype=torch.float32), torch.empty(BLOCK, dtype=torch.float32))
+        self.words = (torch.empty(BLOCK // 32, dtype=torch.int64), torch.empty(BLOCK // 32, dtype=torch.int64))
+
+    def direction(self, stream: int, seed: int, block: int, n: int, rademacher: bool) -> Tensor:
+        if rademacher:
+            return _block_rademacher(self.gen, seed, block, n, self.bufs[stream], self.words[stream])
+        return _block_normal(self.gen, seed, block, n, self.bufs[stream])
 
 
 _worker = _Worker()
@@ -187,13 +216,12 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 @torch.no_grad()  # grad mode is per thread: a worker needs its own
-def _update_block(task: tuple, seed: int, seed2: int | None) -> None:
+def _update_block(task: tuple, seed: int, seed2: int | None, rademacher: bool) -> None:
     """Generate block ``task`` of the stream(s) and apply it to its slice (or compact coordinates) of one tensor."""
     t, index, start, n, block, scale, scale2, decay = task
-    gen, (buf, buf2) = _worker.gen, _worker.bufs
     dev, flat = t.device, t.view(-1)
-    z = _block_normal(gen, seed, block, n, buf).to(dev, non_blocking=True) if scale != 0.0 else None
-    z2 = _block_normal(gen, seed2, block, n, buf2).to(dev, non_blocking=True) if scale2 else None
+    z = _worker.direction(0, seed, block, n, rademacher).to(dev, non_blocking=True) if scale != 0.0 else None
+    z2 = _worker.direction(1, seed2, block, n, rademacher).to(dev, non_blocking=True) if scale2 else None
     for lo in range(0, n, _PIECE):  # pieces below ATen's grain size: every op stays on this thread
         hi = min(n, lo + _PIECE)
         if index is None:
@@ -225,11 +253,13 @@ def _perturb_reference(
     decays: list[float] | None,
     *,
     indices: Sequence[Tensor | None] | None = None,
+    distribution: Distribution = "gaussian",
 ) -> None:
     """Reference path: one task per (tensor, block); the tasks are spread over ``torch.get_num_threads()`` workers
     (a persistent pool plus the calling thread), each with its own generator and block buffers. A block's values
     depend only on ``(seed, block)`` and the blocks of a call update disjoint elements, so neither the number of
     workers nor the order in which they take the tasks changes a single value."""
+    rademacher = distribution == "rademacher"
     tasks = []
     for k in range(len(tensors)):  # all checks before any tensor is touched
         if offsets[k] % BLOCK:
@@ -247,7 +277,7 @@ def _perturb_reference(
     workers = min(max(1, torch.get_num_threads()), len(tasks), -(-work // BLOCK))
     if workers <= 1:
         for task in tasks:
-            _update_block(task, seed, seed2)
+            _update_block(task, seed, seed2, rademacher)
         return
     queue = iter(tasks)
     lock = threading.Lock()
@@ -258,7 +288,7 @@ def _perturb_reference(
                 task = next(queue, None)
             if task is None:
                 return
-            _update_block(task, seed, seed2)
+            _update_block(task, seed, seed2, rademacher)
 
     pending = [_thread_pool(workers).submit(drain) for _ in range(workers - 1)]
     try:
@@ -285,6 +315,7 @@ def _perturb_triton(
     *,
     tile: int | None = None,
     indices: Sequence[Tensor | None] | None = None,
+    distribution: Distribution = "gaussian",
 ) -> None:
     """Triton path: one grouped launch per (device, dtype, index kind). ``tile`` (a power of two >= 16) overrides the
     tile size (tests use it to show that ``z`` does not depend on it)."""
@@ -327,6 +358,7 @@ def _perturb_triton(
                 SEARCH_STEPS=(len(ks) - 1).bit_length(),
                 INDEXED=index_dtype is not None,
                 INDEX64=index_dtype == torch.int64,
+                RADEMACHER=distribution == "rademacher",
                 num_warps=8,
                 enable_fp_fusion=False,  # no FMA contraction: the kernel rounds like the formula (and like numpy)
             )
@@ -343,6 +375,7 @@ def perturb_(
     scale2: float | Sequence[float] | None = None,
     decay: float | Sequence[float] | None = None,
     indices: Sequence[Tensor | None] | None = None,
+    distribution: Distribution = "gaussian",
     backend: Backend = "auto",
 ) -> None:
     """In place, for every tensor ``p_k`` with offset base ``o_k`` and element ``i``::
@@ -361,6 +394,8 @@ def perturb_(
     Tensors must be contiguous and floating point. ``backend`` picks the implementation (module docstring); the
     Triton kernel handles fp32, fp16 and bf16.
     """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
     tensors = list(tensors)
     indices = _check_indices(tensors, indices)
     _check_tensors(tensors, offsets, indices)
@@ -391,16 +426,24 @@ def perturb_(
                 [scales2[k] for k in ks] if scales2 is not None else None,
                 [decays[k] for k in ks] if decays is not None else None,
                 indices=[indices[k] for k in ks],
+                distribution=distribution,
             )
 
 
 def normal_stream(
-    seed: int, offset: int, numel: int, device: torch.device | str = "cpu", *, backend: Backend = "auto"
+    seed: int,
+    offset: int,
+    numel: int,
+    device: torch.device | str = "cpu",
+    *,
+    distribution: Distribution = "gaussian",
+    backend: Backend = "auto",
 ) -> Tensor:
     """Materialize ``z(seed, offset + i)`` for ``i < numel`` as fp32 (for tests and diagnostics, not the hot path).
 
-    ``backend`` selects the stream exactly as :func:`perturb_` would for an fp32 tensor on ``device``.
+    ``backend`` and ``distribution`` select the stream exactly as :func:`perturb_` would for an fp32 tensor on
+    ``device``.
     """
     out = torch.zeros(numel, dtype=torch.float32, device=device)
-    perturb_([out], [offset], seed, 1.0, backend=backend)
+    perturb_([out], [offset], seed, 1.0, distribution=distribution, backend=backend)
     return out

@@ -59,21 +59,24 @@ def test_unbounded_training_is_an_error():
         fit(TinyClassifier(), DPZeroStrategy(eps=8.0), max_steps=-1, max_epochs=-1)
 
 
-def test_update_is_dpzero_formula():
-    """One step with σ=0, checked against the algorithm written out by hand."""
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_update_is_dpzero_formula(distribution):
+    """One step with σ=0, checked against the algorithm written out by hand (z from the chosen stream)."""
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.1)
     reference = TinyClassifier(lr=0.1)
     reference.load_state_dict(model.state_dict())
     data = linear_data(n=16)
-    strategy = DPZeroStrategy(noise_multiplier=0.0, clip=0.5, zo_eps=1e-3, seed=5, poisson_sampling=False)
+    strategy = DPZeroStrategy(noise_multiplier=0.0, clip=0.5, zo_eps=1e-3, seed=5, poisson_sampling=False,
+                              direction_distribution=distribution)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(model, strategy, data=data, batch_size=16, max_steps=1)
     x, y = data.tensors
     params = list(reference.parameters())
     seed = strategy.directions.seed_for(0)
-    zs = [normal_stream(seed, o, p.numel()).view_as(p) for p, o in zip(params, strategy.directions.offsets)]
+    zs = [normal_stream(seed, o, p.numel(), distribution=distribution).view_as(p)
+          for p, o in zip(params, strategy.directions.offsets)]
     with torch.no_grad():
         for p, z in zip(params, zs):
             p.add_(1e-3 * z)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from custom_kernels.zo_perturb import mix_seed, normal_stream, offsets_for, perturb_
+from custom_kernels.zo_perturb import DISTRIBUTIONS, Distribution, mix_seed, normal_stream, offsets_for, perturb_
 from lightning_dp.mechanisms.collective import Collective
 from lightning_dp.mechanisms.noise import GaussianNoise
 
@@ -44,6 +44,9 @@ _DIRECTION_DOMAIN = 0x2E80
 class SeededDirections:
     """The ZO direction z over a fixed, ordered list of parameters, applied in place.
 
+    ``distribution`` is that of z's coordinates: ``"gaussian"`` (standard normal, as in MeZO and DPZero's code) or
+    ``"rademacher"`` (independent uniform signs ±1; see :class:`~lightning_dp.strategies.DPZeroStrategy`).
+
     z for step t (and direction j of that step) is a function of ``(base_seed, t, j)`` only (counter-based:
     identical on every rank and after a resume). The object remembers the perturbation currently applied to the
     parameters (``pending``: seed -> scale), so it can always be removed (:meth:`restore`) and the update can fuse
@@ -61,10 +64,13 @@ class SeededDirections:
     pass over them per step.
     """
 
-    def __init__(self, params: Sequence[Tensor], base_seed: int) -> None:
+    def __init__(self, params: Sequence[Tensor], base_seed: int, distribution: Distribution = "gaussian") -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
         self.params = list(params)
         if not self.params:
             raise ValueError("no trainable parameters to optimize")
+        self.distribution: Distribution = distribution
         self.indices: list[Tensor] | None = None
         self.offsets = offsets_for(self.params)
         self.anchor: list[Tensor] | None = None
@@ -148,7 +154,7 @@ class SeededDirections:
         return mix_seed(_DIRECTION_DOMAIN, self.base_seed, step, direction)
 
     def _perturb_(self, seed: int, scale, **kwargs) -> None:
-        perturb_(self.params, self.offsets, seed, scale, indices=self.indices, **kwargs)
+        perturb_(self.params, self.offsets, seed, scale, indices=self.indices, distribution=self.distribution, **kwargs)
         self.passes += 1
 
     def perturb(self, seed: int, scale: float) -> None:

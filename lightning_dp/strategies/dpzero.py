@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.optim import Optimizer
 
+from custom_kernels.zo_perturb import DISTRIBUTIONS
 from lightning_dp.errors import IncompatibleStrategyError
 from lightning_dp.mechanisms.chunks import split_batch, with_batch
 from lightning_dp.mechanisms.per_sample import per_sample_loss
@@ -87,6 +88,11 @@ class DPZeroStrategy(DPStrategyBase):
         zo_schedule: ``"auto"`` (default), ``"two_pass"`` or ``"three_pass"`` (passes over the parameters per step).
         num_directions: q, the number of directions per step (default 1, DPZero); costs 2q forward passes per
             step, and σ is √q times larger at the same ε (see above).
+        direction_distribution: the distribution of z's coordinates: ``"gaussian"`` (default; standard normal, as in
+            the MeZO and DPZero code) or ``"rademacher"`` (independent uniform signs ±1, cheaper to generate).
+            Privacy does not depend on it (z is data-independent; only the clipped scalar is released); what the
+            papers prove for each is on the strategy's documentation page. Saved in checkpoints: a resume must use
+            the same.
         cluster_environment: Lightning's cluster environment (normally chosen by the Trainer).
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; default: Lightning's choice.
         timeout: timeout of the collectives.
@@ -119,6 +125,7 @@ class DPZeroStrategy(DPStrategyBase):
         dropout: Literal["off", "same"] = "off",
         zo_schedule: Literal["auto", "two_pass", "three_pass"] = "auto",
         num_directions: int = 1,
+        direction_distribution: Literal["gaussian", "rademacher"] = "gaussian",
         cluster_environment: ClusterEnvironment | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -132,6 +139,10 @@ class DPZeroStrategy(DPStrategyBase):
             raise ValueError(f"`zo_eps` must be > 0, got {zo_eps!r}")
         if dropout not in ("off", "same"):
             raise ValueError(f"`dropout` must be 'off' or 'same', got {dropout!r}")
+        if direction_distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"`direction_distribution` must be one of {DISTRIBUTIONS}, got {direction_distribution!r}"
+            )
         super().__init__(
             eps=eps,
             delta=delta,
@@ -150,6 +161,7 @@ class DPZeroStrategy(DPStrategyBase):
         self.zo_eps = float(zo_eps)  # λ of the current step (a stagewise schedule changes it per stage)
         self.zo_eps_start = float(zo_eps)  # λ as configured
         self.num_directions = num_directions
+        self.direction_distribution = direction_distribution
         self.releases_per_step = num_directions  # q releases on one batch: one mechanism at σ/√q (DPStrategyBase)
         self.prox = 0.0  # γ of the proximal pull γ(θ − θ_anchor) (set by a stagewise schedule)
         self.zo_plans: list[ZOPlan] = []
@@ -201,7 +213,7 @@ class DPZeroStrategy(DPStrategyBase):
         # one error (lightning_dp.validate)
         raise_if_problems(optimizer_problems(self.lightning_module, [optimizer], self), type(self).__name__)
         params, groups = self._trainable(optimizer)
-        self.directions = SeededDirections(params, self.seed)
+        self.directions = SeededDirections(params, self.seed, self.direction_distribution)
         self._group_of = groups
 
     def _sync_trainable(self) -> None:
@@ -236,6 +248,12 @@ class DPZeroStrategy(DPStrategyBase):
             raise UnsafeSettingError(
                 f"the checkpoint was trained with num_directions={(state or {}).get('num_directions', 1)}, this run "
                 f"uses {self.num_directions}: σ was calibrated for that many releases per step"
+            )
+        trained_with = (state or {}).get("direction_distribution", "gaussian")
+        if restored is not None and trained_with != self.direction_distribution:
+            raise UnsafeSettingError(
+                f"the checkpoint was trained with direction_distribution={trained_with!r}, this run uses "
+                f"{self.direction_distribution!r}: resume with the distribution the run started with"
             )
         if state is not None:
             self.directions.load_state_dict(state)
@@ -447,13 +465,19 @@ class DPZeroStrategy(DPStrategyBase):
         report = super().privacy_report()
         report["zo_eps"] = self.zo_eps
         report["num_directions"] = self.num_directions
+        report["direction_distribution"] = self.direction_distribution
         if self.directions is not None:
             report["trainable_coordinates"] = self.directions.num_coordinates
         return report
 
     def dp_state_dict(self) -> dict[str, Any]:
         state = super().dp_state_dict()
-        zo: dict[str, Any] = {"num_directions": self.num_directions, "zo_eps": self.zo_eps, "prox": self.prox}
+        zo: dict[str, Any] = {
+            "num_directions": self.num_directions,
+            "direction_distribution": self.direction_distribution,
+            "zo_eps": self.zo_eps,
+            "prox": self.prox,
+        }
         if self.directions is not None:
             zo.update(self.directions.state_dict())  # mask (int32 indices) and proximal anchor, when there are
         state["zo"] = zo

@@ -88,14 +88,14 @@ def inference_step(model, batch, device):
     return step
 
 
-def dpzero_step(model, batch, device, two_pass: bool):
+def dpzero_step(model, batch, device, two_pass: bool, distribution: str = "gaussian"):
     """One step exactly as ``DPZeroStrategy.training_step`` + ``_private_update`` run it, without Lightning."""
     from lightning_dp.mechanisms.collective import LocalCollective
     from lightning_dp.mechanisms.noise import GaussianNoise
     from lightning_dp.mechanisms.zo import SeededDirections, clip_differences, privatize_projected_gradient
 
     params = trainable_params(model)
-    directions = SeededDirections(params, base_seed=1234)
+    directions = SeededDirections(params, base_seed=1234, distribution=distribution)
     collective, noise = LocalCollective(), GaussianNoise(device)
     lrs = [LR] * len(params)
     batch_size = batch["labels"].shape[0]
@@ -149,7 +149,8 @@ def measure_steps(step, device, warmup: int, repeats: int, mem_steps: int) -> di
     return {"times": times, "baseline_bytes": baseline, "peak_growth_bytes": peak, "memory_method": method}
 
 
-def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: int) -> dict:
+def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: int,
+                    distribution: str = "gaussian") -> dict:
     """A real ``Trainer`` fit as users run it: ``DPZeroStrategy`` with its defaults (Poisson sampling, ``zo_schedule=
     "auto"``), the default callbacks (progress bar, model summary, checkpointing) and the default logger, in a
     temporary directory. Trainer step = interval from the end of one step to the end of the next
@@ -196,7 +197,7 @@ def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: 
     if repeats:
         bare_model = copy.deepcopy(model)
         others = {"inference": inference_step(bare_model, batch, device),
-                  "dpzero-2pass": dpzero_step(bare_model, batch, device, two_pass=True)}
+                  "dpzero-2pass": dpzero_step(bare_model, batch, device, two_pass=True, distribution=distribution)}
     else:
         others = {}
     resumed: list[float] = []
@@ -231,7 +232,8 @@ def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: 
                 memory["memory_same_batch"] = same_batch_memory
             resumed.append(now(device))
 
-    strategy = DPZeroStrategy(noise_multiplier=NOISE_MULTIPLIER, clip=CLIP, zo_eps=ZO_EPS, seed=1234)
+    strategy = DPZeroStrategy(noise_multiplier=NOISE_MULTIPLIER, clip=CLIP, zo_eps=ZO_EPS, seed=1234,
+                              direction_distribution=distribution)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = L.Trainer(
@@ -248,19 +250,19 @@ def measure_trainer(model, batch, device, warmup: int, repeats: int, mem_steps: 
     return {"times": times["trainer"], "times_same_batch": times, "schedule": strategy.schedule, **memory}
 
 
-def make_step(variant: str, model, batch, device):
+def make_step(variant: str, model, batch, device, distribution: str = "gaussian"):
     if variant == "inference":
         return inference_step(model, batch, device)
     if variant == "mezo":
         return mezo_step(model, batch, device)
-    return dpzero_step(model, batch, device, two_pass=variant == "dpzero-2pass")
+    return dpzero_step(model, batch, device, two_pass=variant == "dpzero-2pass", distribution=distribution)
 
 
 def measure_interleaved(variants: list[str], model, batch, device, args) -> dict:
     """Time several variants in one process, one step of each in turn: every variant sees the same machine
     conditions, so their ratios survive load from other processes far better than separate runs do. (The variants
     share the model; the few pending ±λz offsets and 1e-6 updates they leave on it do not change the cost.)"""
-    steps = {v: make_step(v, model, batch, device) for v in variants}
+    steps = {v: make_step(v, model, batch, device, args.directions) for v in variants}
     for t in range(args.warmup):
         for step in steps.values():
             step(t)
@@ -287,9 +289,10 @@ def child_main(args) -> None:
     if args.variant.startswith("interleaved:"):
         out = measure_interleaved(args.variant.split(":", 1)[1].split(","), model, batch, device, args)
     elif args.variant == "trainer":
-        out = measure_trainer(model, batch, device, max(1, args.warmup), args.repeats, args.mem_steps)
+        out = measure_trainer(model, batch, device, max(1, args.warmup), args.repeats, args.mem_steps,
+                              args.directions)
     else:
-        step = make_step(args.variant, model, batch, device)
+        step = make_step(args.variant, model, batch, device, args.directions)
         out = measure_steps(step, device, args.warmup, args.repeats, args.mem_steps)
         if hasattr(step, "directions"):
             out["passes_per_step"] = step.directions.passes / (args.warmup + args.repeats + args.mem_steps)
@@ -336,6 +339,14 @@ def profile(model, batch, device, args) -> dict:
         directions.perturb(seed, -ZO_EPS)
 
     out["library pass (perturb_)"] = _median_time(library_pass, device, reps) / 2
+    signs = SeededDirections(params, base_seed=7, distribution="rademacher")
+
+    def rademacher_pass():
+        seed = next(seeds)
+        signs.perturb(seed, ZO_EPS)
+        signs.perturb(seed, -ZO_EPS)
+
+    out["library pass, Rademacher directions"] = _median_time(rademacher_pass, device, reps) / 2
     if device.type != "cpu":
         return out
 
@@ -407,6 +418,8 @@ def parse_args(argv=None):
                    help="time the non-Lightning variants in one process, a step of each in turn (default), or each "
                         "in its own process")
     p.add_argument("--profile", action="store_true", help="also break a perturbation pass down (CPU: z vs add)")
+    p.add_argument("--directions", choices=["gaussian", "rademacher"], default="gaussian",
+                   help="distribution of the DPZero directions (DPZeroStrategy's `direction_distribution`)")
     return p.parse_args(argv)
 
 
@@ -419,7 +432,7 @@ def main(argv=None) -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown or "inference" not in variants:
         raise SystemExit(f"--variants must include 'inference' and only use {VARIANTS}; got {variants}")
-    forwarded = [*step_flags(args), f"--mem-steps={args.mem_steps}"]
+    forwarded = [*step_flags(args), f"--mem-steps={args.mem_steps}", f"--directions={args.directions}"]
     script = os.path.abspath(__file__)
     load_before = load_average()
     # Time: the variants without Lightning run interleaved in one process (one step of each in turn), the Trainer
@@ -461,7 +474,8 @@ def main(argv=None) -> None:
     print(
         f"\nRoBERTa-style classifier: {ref['params'] / 1e6:.1f}M params ({ref['model_bytes'] / MiB:.0f} MiB fp32), "
         f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, ffn {args.intermediate}, vocab {args.vocab}; "
-        f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}"
+        f"B={args.batch_size}, T={args.seq_len}; {dev}; torch {torch.__version__}, {platform.machine()}; "
+        f"{args.directions} directions"
     )
     print(
         f"time: {args.rounds} round(s) x {args.repeats} steps after {args.warmup} warmup ({args.timing}), ratios on "

@@ -164,20 +164,22 @@ def _block_normal(gen: torch.Generator, seed: int, block: int, n: int, out: Tens
     return torch.randn(n, generator=gen, out=out[:n])
 
 
-_SIGN_SHIFTS = 31 - torch.arange(32, dtype=torch.int32)  # bit k of a word -> the sign bit of an fp32 pattern
-_ONE_BITS = 0x3F800000  # fp32 1.0
+_BYTE_SHIFTS = torch.tensor([0, 8, 16, 24])  # the four bytes of a 32-bit word, lowest first
+_SIGN_TABLE = (1 - 2 * ((torch.arange(256)[:, None] >> torch.arange(8)) & 1)).float()  # byte -> its 8 bits as ±1
 
 
 def _block_rademacher(gen: torch.Generator, seed: int, block: int, n: int, out: Tensor, words: Tensor) -> Tensor:
     """Block ``block`` of the Rademacher reference stream: ``ceil(n / 32)`` 32-bit words ``w`` drawn by
     ``random_(0, 2**32)`` from a generator seeded with ``mix_seed(seed, block)``; element ``i`` is ``-1`` where bit
-    ``i % 32`` of ``w[i // 32]`` is set, ``+1`` otherwise. Built as fp32 bit patterns (sign bit | 1.0) in ``out``."""
+    ``i % 32`` of ``w[i // 32]`` is set, ``+1`` otherwise (each byte of a word looked up in a 256 x 8 table)."""
     gen.manual_seed(mix_seed(seed, block))
     count = -(-n // 32)
-    w = words[:count].random_(0, 1 << 32, generator=gen).to(torch.int32)  # wraps: the same 32 bits
-    bits = out.view(torch.int32)[: 32 * count].view(count, 32)
-    torch.bitwise_left_shift(w[:, None], _SIGN_SHIFTS, out=bits)
-    bits.bitwise_and_(-(1 << 31)).bitwise_or_(_ONE_BITS)
+    w = words[:count].random_(0, 1 << 32, generator=gen)
+    index = torch.bitwise_right_shift(w[:, None], _BYTE_SHIFTS).bitwise_and_(255).view(-1)  # 4 bytes per word
+    signs = out[: 32 * count].view(4 * count, 8)
+    step = _PIECE // 8
+    for lo in range(0, index.numel(), step):  # pieces below ATen's grain size: every op stays on this thread
+        torch.index_select(_SIGN_TABLE, 0, index[lo : lo + step], out=signs[lo : lo + step])
     return out[:n]
 
 

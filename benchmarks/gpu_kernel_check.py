@@ -75,6 +75,14 @@ def main() -> int:
     z2 = torch.zeros(n, device=dev)
     perturb_([z2], [0], 1234, 1.0, backend="triton")
     check("perturb_ stream is a function of the seed", torch.equal(z, z2), "two passes with one seed, bit-equal")
+    r = torch.zeros(n, device=dev)
+    perturb_([r], [0], 1234, 1.0, distribution="rademacher", backend="triton")
+    signs_only = bool(((r == 1) | (r == -1)).all())
+    lanes = float(r[: n // 32 * 32].double().view(-1, 32).mean(0).abs().max())
+    check("perturb_ Rademacher stream is balanced ±1", signs_only and abs(float(r.double().mean())) < tol
+          and lanes < 6 / (n // 32) ** 0.5, f"only ±1: {signs_only}, mean {float(r.double().mean()):.2e}, "
+          f"largest mean at a bit position {lanes:.2e}")
+    del r
 
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).replace("torch.", "")

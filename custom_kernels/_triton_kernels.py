@@ -19,6 +19,9 @@ One Philox call yields four normals, so the kernels spend a quarter of the integ
 The integer stream is bit-identical everywhere; the floats come from ``log``/``cos``/``sin``/``sqrt``, so the
 interpreter (numpy) and a GPU (libdevice) may differ in the last bits.
 
+Rademacher stream ``r(seed, j)`` (``perturb_kernel`` with ``RADEMACHER``): ``-1.0`` where the top bit of
+``tl.randint4x(seed, j // 4)[j % 4]`` (the Philox word that feeds ``z(seed, j)``) is set, ``+1.0`` otherwise.
+
 Storage formats (constexpr ``KIND``: 0 fp32, 1 fp16, 2 bf16): fp32 and fp16 are loaded and stored natively
 (fp32 -> fp16 rounds to nearest-even both on the GPU and in the interpreter). bf16 is read and written as raw
 16-bit patterns and rounded to nearest-even by hand, because the interpreter truncates fp32 -> bf16.

@@ -1,7 +1,8 @@
 """Seeded in-place zeroth-order perturbation: ``p <- decay * p + scale * z (+ scale2 * z2)``.
 
-``z`` is a standard-normal direction that is never stored: it is regenerated from ``(seed, offset)``
-every time it is needed, so a ZO step costs no parameter-sized buffer.
+``z`` is a standard-normal direction (or, with ``distribution="rademacher"``, a direction of independent uniform
+signs ±1) that is never stored: it is regenerated from ``(seed, offset)`` every time it is needed, so a ZO step costs
+no parameter-sized buffer.
 
 Every tensor ``k`` of a parameter list gets a fixed *offset base* ``offsets[k]`` (see :func:`offsets_for`),
 and element ``i`` of tensor ``k`` always draws the value at position ``offsets[k] + i`` of the stream named by
@@ -24,6 +25,11 @@ There are two implementations, each with its own stream (same distribution, diff
   counter-based Philox4x32-10 keyed by ``seed mod 2**64`` with 64-bit counters (see
   ``custom_kernels/_triton_kernels.py``). Any offset ``>= 0`` works. All tensors of one device and dtype are
   updated by one grouped launch; each element is read once and written once, both streams of a fused call included.
+
+Rademacher streams (``distribution="rademacher"``), same addressing: on the reference path, element ``i`` of block
+``b`` is ``-1`` where bit ``i % 32`` of the ``(i // 32)``-th word of ``random_(0, 2**32)`` (int64, from the
+generator seeded with ``mix_seed(seed, b)``) is set and ``+1`` otherwise (2,048 draws per block instead of 65,536
+normals); on the Triton path ``r(seed, j) = -1`` where the top bit of ``tl.randint4x(seed, j // 4)[j % 4]`` is set.
 
 Sparse (masked) tensors: with ``indices[k]``, a 1-D int32 (or int64) tensor of ``n_k`` distinct flat indices into
 tensor ``k``, only those coordinates are read, perturbed and written, and ``z`` is generated for them only:
@@ -393,8 +399,9 @@ def perturb_(
 
     ``scale``, ``scale2`` and ``decay`` are one float for all tensors or one per tensor. ``seed2``/``scale2`` fuse a
     second direction into the same read/write (restore + update + next perturbation in one pass).
-    Tensors must be contiguous and floating point. ``backend`` picks the implementation (module docstring); the
-    Triton kernel handles fp32, fp16 and bf16.
+    Tensors must be contiguous and floating point. ``distribution`` is that of z (``"gaussian"`` or ``"rademacher"``,
+    module docstring). ``backend`` picks the implementation (module docstring); the Triton kernel handles fp32, fp16
+    and bf16.
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")

@@ -29,7 +29,7 @@ def test_kernel_check_runs_in_the_interpreter(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert result["failed"] == [] and len(result["checks"]) == 16
+    assert result["failed"] == [] and len(result["checks"]) == 17
 
 
 def test_report_merges_the_benchmarks(tmp_path):

@@ -34,11 +34,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _lane(lane, x0, x1, x2, x3):
+    """``x_lane`` elementwise (``lane`` in 0..3): picks one of the four outputs of a Philox call."""
+    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+
+
+@triton.jit
 def _normal_at(seed, j):
     """``z(seed, j)`` for an arbitrary block of int64 element indices ``j`` (computes 4 normals per element)."""
     n0, n1, n2, n3 = tl.randn4x(seed, j >> 2)
-    lane = j & 3
-    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+    return _lane(j & 3, n0, n1, n2, n3)
 
 
 @triton.jit
@@ -52,9 +57,7 @@ def _normal_block(seed, start, TILE: tl.constexpr, ALIGNED4: tl.constexpr):
     lane = tl.arange(0, 4)[None, :]
     if ALIGNED4:
         n0, n1, n2, n3 = tl.randn4x(seed, (start >> 2) + r)
-        z = tl.where(
-            lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None]))
-        )
+        z = _lane(lane, n0[:, None], n1[:, None], n2[:, None], n3[:, None])
     else:
         z = _normal_at(seed, start + 4 * r[:, None] + lane)
     return z
@@ -68,14 +71,11 @@ def _sign_block(seed, start, TILE: tl.constexpr, ALIGNED4: tl.constexpr):
     lane = tl.arange(0, 4)[None, :]
     if ALIGNED4:
         w0, w1, w2, w3 = tl.randint4x(seed, (start >> 2) + r)
-        w = tl.where(
-            lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None]))
-        )
+        w = _lane(lane, w0[:, None], w1[:, None], w2[:, None], w3[:, None])
     else:
         j = start + 4 * r[:, None] + lane
         w0, w1, w2, w3 = tl.randint4x(seed, j >> 2)
-        q = j & 3
-        w = tl.where(q == 0, w0, tl.where(q == 1, w1, tl.where(q == 2, w2, w3)))
+        w = _lane(j & 3, w0, w1, w2, w3)
     return 1.0 - 2.0 * (w.to(tl.uint32) >> 31).to(tl.float32)
 
 

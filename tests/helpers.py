@@ -60,6 +60,16 @@ def loader(dataset: Dataset, batch_size: int = 8, shuffle: bool = False) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
 
+def with_threads(threads: int, fn):
+    """``fn()`` under ``torch.set_num_threads(threads)``, the previous setting restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()])
 

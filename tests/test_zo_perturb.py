@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import with_threads
 
 from custom_kernels import BLOCK, mix_seed, normal_stream, offsets_for, perturb_
 from custom_kernels.zo_perturb import _perturb_triton
@@ -297,15 +298,6 @@ def _reference_by_definition(seed: int, offset: int, count: int) -> torch.Tensor
     return torch.cat(parts)
 
 
-def _with_threads(threads: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 def _threaded_case(dtype: torch.dtype, masked: bool, fused: bool, decay: bool) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     sizes = [5 * BLOCK + 17, 3, 2 * BLOCK, BLOCK - 1, 3 * BLOCK + 1]  # 13 blocks of uneven sizes
@@ -343,8 +335,8 @@ def _threaded_case(dtype: torch.dtype, masked: bool, fused: bool, decay: bool) -
 def test_reference_threads_do_not_change_a_value(threads, dtype, masked, fused, decay):
     """The blocks are spread over ``torch.get_num_threads()`` workers: the result is bit-identical to one thread's,
     for dense and sparse tensors, one or two fused streams, decay and low precision."""
-    one = _with_threads(1, lambda: _threaded_case(dtype, masked, fused, decay))
-    many = _with_threads(threads, lambda: _threaded_case(dtype, masked, fused, decay))
+    one = with_threads(1, lambda: _threaded_case(dtype, masked, fused, decay))
+    many = with_threads(threads, lambda: _threaded_case(dtype, masked, fused, decay))
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
@@ -354,10 +346,10 @@ def test_reference_stream_keeps_its_definition(threads):
     """With any number of threads, the reference stream is the per-block ``torch.randn`` of the module docstring,
     value for value (so directions of earlier runs and checkpoints are unchanged)."""
     count, offset = 7 * BLOCK + 5, 3 * BLOCK
-    z = _with_threads(threads, lambda: normal_stream(77, offset, count, backend="torch"))
+    z = with_threads(threads, lambda: normal_stream(77, offset, count, backend="torch"))
     assert torch.equal(z, _reference_by_definition(77, offset, count))
     theta = torch.zeros(count)
-    _with_threads(threads, lambda: perturb_([theta], [offset], 77, 1.0, seed2=78, scale2=-1.0, backend="torch"))
+    with_threads(threads, lambda: perturb_([theta], [offset], 77, 1.0, seed2=78, scale2=-1.0, backend="torch"))
     assert torch.equal(theta, _reference_by_definition(77, offset, count) - _reference_by_definition(78, offset, count))
 
 
@@ -365,7 +357,7 @@ def test_reference_threads_update_parameters_that_require_grad():
     """Grad mode is per thread: the workers update leaf parameters in place as the caller's ``no_grad`` does."""
     params = [torch.nn.Parameter(torch.zeros(3 * BLOCK)), torch.nn.Parameter(torch.zeros(2 * BLOCK + 1))]
     offsets = offsets_for(params)
-    _with_threads(4, lambda: perturb_(params, offsets, 5, 1.0, seed2=6, scale2=0.5, backend="torch"))
+    with_threads(4, lambda: perturb_(params, offsets, 5, 1.0, seed2=6, scale2=0.5, backend="torch"))
     for p, o in zip(params, offsets):
         assert p.grad_fn is None and p.requires_grad
         expected = _reference_by_definition(5, o, p.numel()) + 0.5 * _reference_by_definition(6, o, p.numel())
@@ -381,7 +373,7 @@ def test_reference_uses_a_small_persistent_pool_of_num_threads():
         perturb_([torch.zeros(16 * BLOCK)], [0], 1, 1.0, backend="torch")
         return {t for t in threading.enumerate() if t.name.startswith("zo_perturb")}
 
-    first = _with_threads(4, workers_after_call)
+    first = with_threads(4, workers_after_call)
     assert len(first) == 3  # plus the calling thread: 4 workers
-    assert _with_threads(4, workers_after_call) == first
-    assert len(_with_threads(2, workers_after_call)) == 1
+    assert with_threads(4, workers_after_call) == first
+    assert len(with_threads(2, workers_after_call)) == 1

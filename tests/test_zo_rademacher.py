@@ -6,7 +6,7 @@ import math
 import lightning.pytorch as L
 import pytest
 import torch
-from helpers import TinyClassifier, linear_data, loader, trainer_kwargs
+from helpers import TinyClassifier, linear_data, loader, trainer_kwargs, with_threads
 
 from custom_kernels import BLOCK, mix_seed, normal_stream, offsets_for, perturb_
 from custom_kernels.zo_perturb import _perturb_triton
@@ -34,22 +34,13 @@ def _reference_by_definition(seed: int, offset: int, count: int) -> torch.Tensor
     return torch.cat(parts)
 
 
-def _with_threads(threads: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 3])
 def test_reference_stream_keeps_its_definition(threads):
     count, offset = 3 * BLOCK + 37, 2 * BLOCK
-    z = _with_threads(threads, lambda: _signs(77, offset, count, "torch"))
+    z = with_threads(threads, lambda: _signs(77, offset, count, "torch"))
     assert torch.equal(z, _reference_by_definition(77, offset, count))
     theta = torch.zeros(count)
-    _with_threads(threads, lambda: perturb_([theta], [offset], 77, 0.5, seed2=78, scale2=-0.25, backend="torch", **RAD))
+    with_threads(threads, lambda: perturb_([theta], [offset], 77, 0.5, seed2=78, scale2=-0.25, backend="torch", **RAD))
     expected = 0.5 * _reference_by_definition(77, offset, count) - 0.25 * _reference_by_definition(78, offset, count)
     assert torch.equal(theta, expected)
     # a prefix of a block is the prefix of the longer block: the value depends on (seed, offset) only

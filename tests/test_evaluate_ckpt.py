@@ -85,7 +85,9 @@ def test_validate_and_test_load_the_checkpoint_of_a_fit(name, tmp_path):
         x, y = data.tensors
         with torch.no_grad():
             before = float(F.cross_entropy(fresh.fc2(torch.tanh(fresh.fc1(x))) if name == "federated" else fresh(x), y))
-        assert before != pytest.approx(expected, rel=1e-3)
+        # at the tolerance of the check below (the trained weights carry secret noise: at 1e-3 a fresh model's loss
+        # landed that close to theirs by chance)
+        assert before != pytest.approx(expected, rel=1e-5)
         evaluator = L.Trainer(strategy=make_evaluator(), accelerator="cpu", devices=1, logger=False,
                               enable_progress_bar=False, default_root_dir=str(tmp_path))
         result = getattr(evaluator, evaluate)(fresh, loader(data, 32), ckpt_path=path, verbose=False)

@@ -5,17 +5,17 @@
 
 Runs ``examples/sst2_dpzero.py`` as its README command does (``examples/configs/sst2_dpzero.yaml``: DPZero at ε = 8,
 the 770-weight head on the frozen all-MiniLM-L6-v2 features, Poisson B = 256, 16 directions per step, SGD with linear
-decay, ``PrivacyBudget``, the progress bar, the logger and checkpointing as configured), for ``--steps`` steps
-without validation, checkpoints written to a temporary folder. Inside that fit, after every step past ``--warmup``,
-the same batch the Trainer drew goes through one bare mechanism step (on a copy of the module: 16 directions of
-``SeededDirections.move_to`` ±λ and two ``training_step`` forwards each, ``clip_differences``,
-``privatize_projected_gradient`` per direction, one fused ``SeededDirections.update`` with the next step's +λz: what
-``DPZeroStrategy`` does, without Lightning). The Trainer step is the interval from the end of one step to the end of
-the next (data fetch, Poisson batch assembly, collate, every hook, logging, the progress bar and the LR scheduler
+decay, ``PrivacyBudget``, the progress bar, the logger and checkpointing as configured), for ``--steps`` steps without
+validation, checkpoints written to a temporary folder. Inside that fit, after every step past ``--warmup``, the same
+batch the Trainer drew goes through one bare mechanism step (on a copy of the module: 16 directions of
+``SeededDirections.move_to`` ±λ and two ``training_step`` forwards each, ``clip_differences``, one
+``privatize_projected_gradients`` for all directions, one fused ``SeededDirections.update`` with the next step's +λz:
+what ``DPZeroStrategy`` does, without Lightning). The Trainer step is the interval from the end of one step to the end
+of the next (data fetch, Poisson batch assembly, collate, every hook, logging, the progress bar and the LR scheduler
 included), with the bare step's own time taken out. Ratios are medians of the per-step ratios (same batch, same
-moment), the figure that survives load from other processes. A second, short fit measures Lightning's own floor on
-the same data: the default strategy and a step that does nothing (data fetch and collate, hooks, progress bar,
-optimizer wrapper): what no strategy can remove.
+moment), the figure that survives load from other processes. A second, short fit measures Lightning's own floor on the
+same data: the default strategy and a step that does nothing (data fetch and collate, hooks, progress bar, optimizer
+wrapper): what no strategy can remove.
 
 ``--profile``: also a ``cProfile`` of ``--profile-steps`` Trainer steps: where the time outside the mechanism goes.
 
@@ -51,7 +51,7 @@ def bare_step(module, strategy):
     Lightning."""
     from lightning_dp.mechanisms.collective import LocalCollective
     from lightning_dp.mechanisms.noise import GaussianNoise
-    from lightning_dp.mechanisms.zo import SeededDirections, clip_differences, privatize_projected_gradient
+    from lightning_dp.mechanisms.zo import SeededDirections, clip_differences, privatize_projected_gradients
 
     params = [p for p in module.parameters() if p.requires_grad]
     directions = SeededDirections(params, base_seed=1234)
@@ -63,15 +63,16 @@ def bare_step(module, strategy):
         seeds = [directions.seed_for(t, j) for j in range(q)]
         module.eval()
         with torch.no_grad():
-            grads = []
+            clipped = []
             for seed in seeds:
                 directions.move_to(seed, +lam)
                 plus = module.training_step(batch, t)["per_sample_loss"]
                 directions.move_to(seed, -lam)
                 minus = module.training_step(batch, t)["per_sample_loss"]
-                clipped = clip_differences(plus, minus, lam, clip)
-                grads.append(privatize_projected_gradient(clipped, sigma * clip, expected, collective, noise,
-                                                          device=torch.device("cpu")).projected_grad)
+                clipped.append(clip_differences(plus, minus, lam, clip))
+            results = privatize_projected_gradients(clipped, sigma * clip, expected, collective, noise,
+                                                    device=torch.device("cpu"))
+            grads = [r.projected_grad for r in results]
             directions.update(seeds, grads, [lr] * len(params), next_seed=directions.seed_for(t + 1),
                               next_scale=lam)
 

@@ -10,6 +10,14 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+# the Trainers' root folders of one test session, removed when the session's interpreter exits
+_RUNS = tempfile.TemporaryDirectory(prefix="ldp-tests-")
+
+
+def run_dir() -> str:
+    """A fresh folder for one Trainer's outputs (under a session folder that is removed at exit)."""
+    return tempfile.mkdtemp(dir=_RUNS.name)
+
 
 def linear_data(n: int = 64, d: int = 8, classes: int = 2, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
@@ -76,7 +84,7 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 def trainer_kwargs(**overrides):
     kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_steps=5, default_root_dir=tempfile.mkdtemp(prefix="ldp-"))
+              enable_model_summary=False, max_steps=5, default_root_dir=run_dir())
     kw.update(overrides)
     return kw
 

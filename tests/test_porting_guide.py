@@ -3,12 +3,12 @@ changes, returning ``losses.from_hf_output(out, batch, model=self.model)`` and c
 DPZero, plain SGD as the optimizer)."""
 
 import math
-import tempfile
 import warnings
 
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import run_dir
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
@@ -101,7 +101,7 @@ def gpt2_lm():
 def fit(module, task, strategy="auto"):
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tempfile.mkdtemp(prefix="ldp-"))
+                        default_root_dir=run_dir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on DataLoader workers
         trainer.fit(module, datamodule=TokensDataModule(task))
@@ -162,7 +162,7 @@ def test_bert_classifier_with_federated_dp_lora():
     strategy = DPLoRAFederatedStrategy(eps=8, accountant="rdp", clients=2, rounds=2, lora=lora)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tempfile.mkdtemp(prefix="ldp-"))
+                        default_root_dir=run_dir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=TokensDataModule("classification"))

@@ -9,7 +9,12 @@ import torch
 from custom_kernels import normal_stream
 from lightning_dp.mechanisms.collective import LocalCollective
 from lightning_dp.mechanisms.noise import GaussianNoise
-from lightning_dp.mechanisms.zo import SeededDirections, clip_differences, privatize_projected_gradient
+from lightning_dp.mechanisms.zo import (
+    SeededDirections,
+    clip_differences,
+    privatize_projected_gradient,
+    privatize_projected_gradients,
+)
 
 
 def test_each_example_contributes_at_most_clip():
@@ -64,6 +69,53 @@ def test_empty_batch_releases_only_noise():
     r = privatize_projected_gradient(None, 1.0, 4.0, LocalCollective(), GaussianNoise(seed=3))
     assert r.num_examples == 0 and r.clipped_sum == 0.0
     assert r.projected_grad == pytest.approx(r.noise / 4.0)
+
+
+class _CountingCollective(LocalCollective):
+    """One process, rank ``rank`` of two: records what each all-reduce carried (and returns it unchanged)."""
+
+    def __init__(self, rank=0):
+        self.rank, self.world_size, self.calls = rank, 2, []
+
+    def all_reduce_sum(self, tensor):
+        self.calls.append(tensor.clone())
+        return tensor
+
+
+def test_directions_of_one_step_release_in_one_all_reduce_with_their_own_sums():
+    collective = _CountingCollective()
+    clipped = [torch.full((5,), float(j), dtype=torch.float64) for j in range(4)]
+    results = privatize_projected_gradients(clipped, 0.0, 10.0, collective, None)
+    assert len(collective.calls) == 1 and collective.calls[0].shape == (12,)
+    assert [r.clipped_sum for r in results] == [0.0, 5.0, 10.0, 15.0]
+    assert [r.projected_grad for r in results] == [0.0, 0.5, 1.0, 1.5]
+    assert all(r.num_examples == 5 and r.noise == 0.0 for r in results)
+    # an empty shard still takes part in the one all-reduce, with zeros
+    empty = privatize_projected_gradients([None] * 4, 0.0, 10.0, collective, None)
+    assert len(collective.calls) == 2 and torch.equal(collective.calls[1], torch.zeros(12, dtype=torch.float64))
+    assert all(r.num_examples == 0 and r.projected_grad == 0.0 for r in empty)
+    with pytest.raises(ValueError, match="no direction"):
+        privatize_projected_gradients([], 1.0, 10.0, collective, GaussianNoise(seed=0))
+
+
+def test_directions_of_one_step_get_independent_noise_of_std_sigma_clip_from_rank_zero_only():
+    sigma, clip, k, calls = 1.5, 2.0, 8, 3000
+    noise = GaussianNoise(seed=99)
+    clipped = [torch.zeros(3, dtype=torch.float64)] * k
+    draws = torch.tensor(
+        [[r.noise for r in privatize_projected_gradients(clipped, sigma * clip, 3.0, LocalCollective(), noise)]
+         for _ in range(calls)],
+        dtype=torch.float64,
+    )  # [calls, k]
+    tol = 5 / math.sqrt(calls)
+    assert draws.mean(0).abs().max().item() < tol * sigma * clip
+    assert torch.allclose(draws.std(0), torch.full((k,), sigma * clip, dtype=torch.float64), rtol=0.06)
+    # no two directions share (or mirror) their noise: a shared draw would make the q releases one release of
+    # sensitivity √q·C with noise σC, not q releases of σC each
+    corr = torch.corrcoef(draws.T)
+    assert (corr - torch.eye(k, dtype=torch.float64)).abs().max().item() < tol
+    others = privatize_projected_gradients(clipped, sigma * clip, 3.0, _CountingCollective(rank=1), noise)
+    assert all(r.noise == 0.0 for r in others)
 
 
 def test_noise_generators_are_independent_of_global_rng():

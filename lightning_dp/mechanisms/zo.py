@@ -11,7 +11,7 @@ the sampled Gaussian mechanism with noise multiplier σ. The only privatized qua
 direction z is data-independent and public.
 
 This module has no Lightning import: :class:`SeededDirections` owns the in-place perturbation of a fixed list of
-parameters, :func:`privatize_projected_gradient` owns the clipped, noised, all-reduced scalar.
+parameters, :func:`privatize_projected_gradients` owns the clipped, noised, all-reduced scalars of a step's directions.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "constant_input_objective",
     "data_free_mask",
     "privatize_projected_gradient",
+    "privatize_projected_gradients",
 ]
 
 _DIRECTION_DOMAIN = 0x2E80
@@ -282,36 +283,50 @@ def privatize_projected_gradient(
     noise: GaussianNoise | None,
     device: torch.device | str = "cpu",
 ) -> ZOStepResult:
-    """Sum the clipped differences of all ranks, add ``N(0, noise_std²)`` exactly once (on rank 0, before the
-    all-reduce, so every rank receives the same noisy sum), and divide by the expected batch size.
+    """One direction's release: :func:`privatize_projected_gradients` with a single direction."""
+    return privatize_projected_gradients([clipped], noise_std, expected_batch_size, collective, noise, device)[0]
 
-    ``clipped`` is this rank's ``[b]`` tensor of clipped differences (``None`` for an empty batch). One all-reduce
-    of three float64 scalars per step.
+
+def privatize_projected_gradients(
+    clipped: Sequence[Tensor | None],
+    noise_std: float,
+    expected_batch_size: float,
+    collective: Collective,
+    noise: GaussianNoise | None,
+    device: torch.device | str = "cpu",
+) -> list[ZOStepResult]:
+    """The releases of all directions of one step: per direction j, sum the clipped differences of all ranks, add
+    its own ``N(0, noise_std²)`` exactly once (k independent draws on rank 0, before the all-reduce, so every rank
+    receives the same noisy sums), and divide by the expected batch size.
+
+    ``clipped[j]`` is this rank's ``[b]`` tensor of clipped differences for direction j (``None`` for an empty
+    batch). One all-reduce of ``3·k`` float64 scalars per step, whatever the number of directions k, and one
+    device-to-host copy.
     """
     if expected_batch_size <= 0:
         raise ValueError(f"expected batch size must be > 0, got {expected_batch_size}")
-    local_sum = clipped.sum().to(device) if clipped is not None else torch.zeros((), dtype=torch.float64, device=device)
-    count = float(clipped.numel()) if clipped is not None else 0.0
-    draw = 0.0
+    k = len(clipped)
+    if k == 0:
+        raise ValueError("no direction to release")
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.stack([c.sum().to(device=device, dtype=torch.float64) if c is not None else zero for c in clipped])
+    counts = torch.tensor([float(c.numel()) if c is not None else 0.0 for c in clipped], dtype=torch.float64,
+                          device=device)
+    draws = torch.zeros(k, dtype=torch.float64, device=device)
     if collective.rank == 0 and noise_std > 0:
         if noise is None:
             raise ValueError("noise_std > 0 but no noise source was given")
-        draw = noise.scalar(noise_std)
-    packed = torch.stack(
-        [
-            local_sum.double(),
-            torch.tensor(count, dtype=torch.float64, device=device),
-            torch.tensor(draw, dtype=torch.float64, device=device),
-        ]
-    )
-    packed = collective.all_reduce_sum(packed)
-    clipped_sum, total_count, total_noise = (float(v) for v in packed.tolist())
-    return ZOStepResult(
-        projected_grad=(clipped_sum + total_noise) / expected_batch_size,
-        clipped_sum=clipped_sum,
-        noise=total_noise,
-        num_examples=int(round(total_count)),
-    )
+        draws = noise.sample((k,), noise_std, dtype=torch.float64).to(device)
+    packed = collective.all_reduce_sum(torch.cat([sums, counts, draws])).tolist()
+    return [
+        ZOStepResult(
+            projected_grad=(packed[j] + packed[2 * k + j]) / expected_batch_size,
+            clipped_sum=packed[j],
+            noise=packed[2 * k + j],
+            num_examples=int(round(packed[k + j])),
+        )
+        for j in range(k)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- stagewise schedule

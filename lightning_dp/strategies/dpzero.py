@@ -24,7 +24,7 @@ from lightning_dp.mechanisms.zo import (
     SeededDirections,
     ZOStepResult,
     clip_differences,
-    privatize_projected_gradient,
+    privatize_projected_gradients,
 )
 from lightning_dp.preflight import optimizer_problems, raise_if_problems
 from lightning_dp.strategies.base import DPStrategyBase, UnsafeSettingError
@@ -401,18 +401,16 @@ class DPZeroStrategy(DPStrategyBase):
         assert self._collective is not None and self.noise_multiplier is not None
         seeds, clipped = self._step_inputs
         self._step_inputs = None
-        # one release per direction, each with its own noise draw (q compositions, accounted below)
-        results = [
-            privatize_projected_gradient(
-                clipped[j] if clipped is not None else None,
-                noise_std=self.noise_multiplier * self.clip,
-                expected_batch_size=self.expected_batch_size,
-                collective=self._collective,
-                noise=self._noise,
-                device=self.root_device,
-            )
-            for j in range(len(seeds))
-        ]
+        # one release per direction, each with its own noise draw (together one Gaussian mechanism at σ/√q on
+        # this batch, accounted below), all in one all-reduce
+        results = privatize_projected_gradients(
+            clipped if clipped is not None else [None] * len(seeds),
+            noise_std=self.noise_multiplier * self.clip,
+            expected_batch_size=self.expected_batch_size,
+            collective=self._collective,
+            noise=self._noise,
+            device=self.root_device,
+        )
         groups = optimizer.param_groups
         lrs = [float(groups[g]["lr"]) for g in self._group_of]
         wds = [float(groups[g].get("weight_decay", 0.0)) for g in self._group_of]

@@ -10,7 +10,7 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_dpzero.py")
 
 
-def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, sparse=False):
+def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, sparse=False, num_directions=1):
     out = str(tmp_path / name)
     # an in-process Trainer leaves LOCAL_RANK/MASTER_PORT/... in os.environ; a child that inherits LOCAL_RANK believes
     # an external launcher started it and never launches its peers
@@ -20,7 +20,8 @@ def _run(tmp_path, name, devices, batch_size, steps, noise_multiplier=0.0, spars
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--devices", str(devices), "--batch-size", str(batch_size), "--steps", str(steps),
-         "--noise-multiplier", str(noise_multiplier), "--sparse", str(int(sparse)), "--out", out],
+         "--noise-multiplier", str(noise_multiplier), "--sparse", str(int(sparse)),
+         "--num-directions", str(num_directions), "--out", out],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,6 +58,23 @@ def test_noise_added_exactly_once_across_ranks(tmp_path):
     std = noise.std().item()
     # 120 draws: the std estimate has ~6.5% relative error; √2 σC would be 41% off
     assert 0.78 * sigma * clip < std < 1.22 * sigma * clip, std
+
+
+def test_several_directions_on_two_ranks_each_get_their_own_noise_once(tmp_path):
+    """num_directions = 3: the three releases of a step travel in one all-reduce; each is its own clipped sum plus
+    its own N(0, σ²C²) draw, added once across the ranks, and every rank applies the same three scalars."""
+    sigma, clip, steps, q = 1.0, 2.0, 60, 3
+    r0, r1 = _run(tmp_path, "noisy", devices=2, batch_size=4, steps=steps, noise_multiplier=sigma, num_directions=q)
+    assert r0["directions"] == r1["directions"] and torch.equal(r0["params"], r1["params"])
+    releases = torch.tensor(r0["directions"], dtype=torch.float64)  # [steps, q, (ĝ, clipped sum, noise, count)]
+    assert releases.shape == (steps, q, 4)
+    torch.testing.assert_close(releases[..., 0] * 8.0, releases[..., 1] + releases[..., 2])
+    assert (releases[..., 3] == releases[:, :1, 3]).all()  # one batch for all directions of a step
+    assert not torch.equal(releases[:, 0, 1], releases[:, 1, 1])  # different directions, different clipped sums
+    noise = releases[..., 2]
+    assert (noise[:, 0] != noise[:, 1]).all() and (noise[:, 1] != noise[:, 2]).all()
+    # 180 draws: the std estimate has ~5.3% relative error; twice-added noise (√2·σC) would be 41% off
+    assert 0.8 * sigma * clip < noise.std().item() < 1.2 * sigma * clip
 
 
 def test_pruned_stagewise_on_two_ranks_matches_one_process(tmp_path):

@@ -19,11 +19,13 @@ from lightning_dp import DPZeroStrategy, StagewiseZO, ZOPruning  # noqa: E402
 
 class Recorder(L.Callback):
     def __init__(self):
-        self.steps = []
+        self.steps = []  # the first direction's release of every step
+        self.directions = []  # every direction's release of every step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        r = trainer.strategy.last_step
-        self.steps.append([r.projected_grad, r.clipped_sum, r.noise, r.num_examples])
+        releases = [[r.projected_grad, r.clipped_sum, r.noise, r.num_examples] for r in trainer.strategy.last_steps]
+        self.steps.append(releases[0])
+        self.directions.append(releases)
 
 
 def main():
@@ -33,6 +35,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--noise-multiplier", type=float, default=0.0)
     parser.add_argument("--poisson", type=int, default=1)
+    parser.add_argument("--num-directions", type=int, default=1)
     parser.add_argument("--sparse", type=int, default=0, help="ZOPruning(0.3) + StagewiseZO(2 stages, prox)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -47,7 +50,8 @@ def main():
         callbacks += [ZOPruning(trainable_fraction=0.3), StagewiseZO(stages=2, first_stage_steps=2, prox=0.1)]
     strategy = DPZeroStrategy(
         noise_multiplier=args.noise_multiplier, clip=2.0, seed=123, sampling_seed=7,
-        poisson_sampling=bool(args.poisson), accountant="rdp", timeout=timedelta(seconds=120),
+        poisson_sampling=bool(args.poisson), accountant="rdp",
+        num_directions=args.num_directions, timeout=timedelta(seconds=120),
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
@@ -59,6 +63,7 @@ def main():
             "params": flat_params(model),
             "initial": initial,
             "steps": rec.steps,
+            "directions": rec.directions,
             "report": strategy.privacy_report(),
             "world_size": trainer.world_size,
         },
